@@ -1,0 +1,261 @@
+"""Benchmark the streaming subject filter against the plain pandas way, side by side.
+
+    python bench/filter.py --rows 6000000             # generate a V6-schema file, run both, record
+    python bench/filter.py --rows 14600000 --shuffle  # the real train file's size, rows shuffled
+
+It generates an Open Images V6 train box file (21 columns, ~8 boxes per image, Zipf-skewed class
+frequencies with the human and cluttered classes among the most frequent, as in the real file), runs
+each implementation in its own process (wall time, peak resident memory), checks that both choose the
+same subjects, prints a table and appends it to docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_CLASSES = ROOT.parent / "shared/data/openimages/class-descriptions-boxable.csv"
+V6_COLUMNS = [
+    "ImageID", "Source", "LabelName", "Confidence", "XMin", "XMax", "YMin", "YMax", "IsOccluded",
+    "IsTruncated", "IsGroupOf", "IsDepiction", "IsInside", "XClick1X", "XClick2X", "XClick3X",
+    "XClick4X", "XClick1Y", "XClick2Y", "XClick3Y", "XClick4Y",
+]
+
+
+def generate_v6_boxes(path: Path, rows: int, classes: Path, seed: int = 0, shuffle: bool = False) -> None:
+    """Write a realistic V6-schema train box file of about ``rows`` rows."""
+    from blipdiff.datasets.openimages import ClassList, unpack_image_ids
+
+    rng = np.random.default_rng(seed)
+    class_list = ClassList.read(classes)
+    frequent = [m for m in ("/m/01g317", "/m/09j2d", "/m/04yx4", "/m/07j7r", "/m/0dzct", "/m/03bt1vf")
+                if m in class_list.index]
+    others = [m for m in rng.permutation(class_list.mids) if m not in frequent]
+    ranked = frequent + others
+    weights = 1.0 / np.arange(1, len(ranked) + 1) ** 0.8
+    weights /= weights.sum()
+    ranked = np.array(ranked, dtype=object)
+
+    boxes_per_image = np.maximum(1, rng.poisson(7.0, size=rows // 4 + 16))
+    images = int(np.searchsorted(np.cumsum(boxes_per_image), rows)) + 1
+    boxes_per_image = boxes_per_image[:images]
+    image_keys = np.sort(rng.choice(np.iinfo(np.int64).max, size=images, replace=False).astype(np.uint64))
+    image_of_box = np.repeat(np.arange(images), boxes_per_image)[:rows]
+    if shuffle:
+        image_of_box = rng.permutation(image_of_box)
+    n = len(image_of_box)
+    # An image's boxes draw mostly from a few classes of its own, so repeats within an image are common.
+    image_theme = rng.choice(len(ranked), size=images, p=weights)
+    same_as_theme = rng.random(n) < 0.2
+    label_index = np.where(same_as_theme, image_theme[image_of_box], rng.choice(len(ranked), size=n, p=weights))
+
+    # Most boxes are small, but about one in four frames its object closely (large boxes).
+    large = rng.random(n) < 0.25
+    width = np.clip(np.where(large, rng.beta(5.0, 2.0, size=n), rng.beta(1.1, 3.0, size=n)), 0.002, 1.0)
+    height = np.clip(width * np.exp(rng.normal(0.0, 0.45, size=n)), 0.002, 1.0)
+    x_min = np.round(rng.random(n) * (1.0 - width), 6)
+    y_min = np.round(rng.random(n) * (1.0 - height), 6)
+    x_max = np.round(np.minimum(x_min + width, 1.0), 6)
+    y_max = np.round(np.minimum(y_min + height, 1.0), 6)
+    x_max = np.where(x_max <= x_min, np.minimum(x_min + 1e-6, 1.0), x_max)
+    y_max = np.where(y_max <= y_min, np.minimum(y_min + 1e-6, 1.0), y_max)
+    xclick = rng.random(n) < 0.8
+
+    def clicks(low, high):
+        return np.where(xclick, np.round(low + rng.random(n) * (high - low), 6), -1.0)
+
+    ids = unpack_image_ids(image_keys)[image_of_box]
+    table = pa.table({
+        "ImageID": ids,
+        "Source": np.where(xclick, "xclick", "activemil"),
+        "LabelName": ranked[label_index].astype(str),
+        "Confidence": np.ones(n, dtype=np.int8),
+        "XMin": x_min, "XMax": x_max, "YMin": y_min, "YMax": y_max,
+        "IsOccluded": (rng.random(n) < 0.6).astype(np.int8),
+        "IsTruncated": (rng.random(n) < 0.3).astype(np.int8),
+        "IsGroupOf": (rng.random(n) < 0.06).astype(np.int8),
+        "IsDepiction": (rng.random(n) < 0.05).astype(np.int8),
+        "IsInside": (rng.random(n) < 0.01).astype(np.int8),
+        "XClick1X": clicks(x_min, x_max), "XClick2X": clicks(x_min, x_max),
+        "XClick3X": clicks(x_min, x_max), "XClick4X": clicks(x_min, x_max),
+        "XClick1Y": clicks(y_min, y_max), "XClick2Y": clicks(y_min, y_max),
+        "XClick3Y": clicks(y_min, y_max), "XClick4Y": clicks(y_min, y_max),
+    })
+    pa_csv.write_csv(table, path, pa_csv.WriteOptions(quoting_style="none", batch_size=1 << 16))
+
+
+def pandas_baseline(boxes: Path, classes: Path) -> pd.DataFrame:
+    """The plain pandas way: read the whole file, boolean masks, groupby."""
+    from blipdiff.datasets.openimages import SUBJECT_COLUMNS, FilterRules
+
+    rules = FilterRules.paper_defaults()
+    df = pd.read_csv(boxes)
+    names = pd.read_csv(classes, header=None, names=["mid", "name"]).set_index("mid")["name"]
+    coords = df[["XMin", "XMax", "YMin", "YMax"]]
+    valid = (
+        df[["ImageID", "LabelName", "XMin", "XMax", "YMin", "YMax", "IsGroupOf", "IsInside"]].notna().all(axis=1)
+        & df["LabelName"].isin(names.index)
+        & ((coords >= 0) & (coords <= 1)).all(axis=1)
+        & (df["XMax"] > df["XMin"])
+        & (df["YMax"] > df["YMin"])
+    )
+    df = df[valid]
+    same_class = df.groupby(["ImageID", "LabelName"])["LabelName"].transform("size")
+    width, height = df["XMax"] - df["XMin"], df["YMax"] - df["YMin"]
+    area = width * height
+    aspect = np.maximum(width / height, height / width)
+    human_images = df.loc[df["LabelName"].isin(list(rules.human_classes)), "ImageID"].unique()
+    keep = (
+        (df["IsGroupOf"] != 1) & (same_class == 1) & (df["IsInside"] != 1)
+        & (aspect <= rules.max_aspect) & (area >= rules.min_area) & (area <= rules.max_area)
+        & ~df["ImageID"].isin(human_images) & ~df["LabelName"].isin(list(rules.cluttered_classes))
+    )
+    chosen = (
+        df[keep].assign(area=area[keep], aspect=aspect[keep])
+        .sort_values(["ImageID", "area", "LabelName"], ascending=[True, False, True])
+        .drop_duplicates("ImageID")
+    )
+    out = pd.DataFrame({
+        "image_id": chosen["ImageID"].astype(str), "label_mid": chosen["LabelName"].astype(str),
+        "label_name": chosen["LabelName"].map(names).astype(str),
+        "x_min": chosen["XMin"], "x_max": chosen["XMax"], "y_min": chosen["YMin"], "y_max": chosen["YMax"],
+        "area": chosen["area"], "aspect": chosen["aspect"],
+    })
+    return out[list(SUBJECT_COLUMNS)].reset_index(drop=True)
+
+
+def _worker(kind: str, boxes: Path, classes: Path, out: Path) -> None:
+    started = time.perf_counter()
+    if kind == "streaming":
+        from blipdiff.datasets.openimages import FilterConfig, run_filter
+
+        run_filter(FilterConfig(boxes=boxes, classes=classes, out=out))
+    else:
+        from blipdiff.datasets.openimages import write_subjects
+
+        out.mkdir(parents=True, exist_ok=True)
+        write_subjects(pandas_baseline(boxes, classes), out / "subjects.parquet")
+    seconds = time.perf_counter() - started
+    peak_mib = _peak_resident_mib()
+    print(json.dumps({"seconds": seconds, "peak_mib": peak_mib}))
+
+
+def _peak_resident_mib() -> float:
+    """This process's peak resident memory. Not ru_maxrss: Linux carries that over fork and exec,
+    so a worker started by a large parent would report the parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("VmHWM is not in /proc/self/status: peak memory needs Linux")
+
+
+def _measure(kind: str, boxes: Path, classes: Path, out: Path) -> dict:
+    command = [sys.executable, __file__, "--worker", kind, "--boxes", str(boxes), "--classes", str(classes),
+               "--out", str(out)]
+    started = time.perf_counter()
+    done = subprocess.run(command, check=True, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    return {**json.loads(done.stdout.strip().splitlines()[-1]), "wall": wall}
+
+
+def _machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{cpu}, {os.cpu_count()} cores, {memory_gib:.0f} GiB, Python {platform.python_version()}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=6_000_000)
+    parser.add_argument("--shuffle", action="store_true", help="shuffle rows (not sorted by ImageID)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--classes", type=Path, default=SHARED_CLASSES)
+    parser.add_argument("--boxes", type=Path, help="use this box file instead of generating one")
+    parser.add_argument("--workdir", type=Path, help="keep the generated file and outputs here")
+    parser.add_argument("--no-record", action="store_true", help="do not append to docs/benchmarks.md")
+    parser.add_argument("--worker", choices=["streaming", "pandas"], help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        _worker(args.worker, args.boxes, args.classes, args.out)
+        return
+    if not args.classes.is_file():
+        sys.exit(f"class descriptions not found at {args.classes}: pass --classes")
+
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="blipdiff-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    boxes = args.boxes
+    if boxes is None:
+        boxes = workdir / f"v6-boxes-{args.rows}{'-shuffled' if args.shuffle else ''}.csv"
+        if not boxes.exists():
+            started = time.perf_counter()
+            generate_v6_boxes(boxes, args.rows, args.classes, args.seed, args.shuffle)
+            print(f"generated {boxes} ({boxes.stat().st_size / 2**30:.2f} GiB) in "
+                  f"{time.perf_counter() - started:.0f} s", flush=True)
+    rows = sum(1 for _ in open(boxes, "rb")) - 1
+
+    results = {}
+    for kind in ("streaming", "pandas"):
+        results[kind] = _measure(kind, boxes, args.classes, workdir / kind)
+        print(f"{kind}: {results[kind]['wall']:.1f} s, {results[kind]['peak_mib']:.0f} MiB", flush=True)
+
+    from blipdiff.datasets.openimages import read_subjects
+
+    ours = read_subjects(workdir / "streaming" / "subjects.parquet")
+    theirs = read_subjects(workdir / "pandas" / "subjects.parquet")
+    pd.testing.assert_frame_equal(ours, theirs, check_exact=True)
+    same = f"yes ({len(ours):,} subjects)"
+
+    wall_ratio = results["streaming"]["wall"] / results["pandas"]["wall"]
+    memory_ratio = results["streaming"]["peak_mib"] / results["pandas"]["peak_mib"]
+    lines = [
+        "| implementation | wall (s) | peak RSS (MiB) |",
+        "| --- | ---: | ---: |",
+        *(f"| {k} | {v['wall']:.1f} | {v['peak_mib']:.0f} |" for k, v in results.items()),
+        f"| streaming / pandas | {wall_ratio:.2f}x (target ≤ 0.6x) | {memory_ratio:.2f}x (target ≤ 0.3x) |",
+    ]
+    table = "\n".join(lines)
+    print(table)
+    print(f"same subjects: {same}")
+    if not args.no_record:
+        command = "python bench/filter.py " + shlex.join(sys.argv[1:])
+        entry = (
+            f"\n## Subject filter, {rows:,} rows{' (shuffled)' if args.shuffle else ' (sorted by ImageID)'}"
+            f" ({boxes.stat().st_size / 2**30:.2f} GiB)\n\n"
+            f"- date: {datetime.date.today().isoformat()}\n- machine: {_machine()}\n"
+            f"- command: `{command}`\n- same subjects: {same}\n\n{table}\n"
+        )
+        docs = ROOT / "docs" / "benchmarks.md"
+        if not docs.exists():
+            docs.write_text("# Benchmarks\n\nAppended by the scripts in `bench/`; newest last.\n")
+        with open(docs, "a", encoding="utf-8") as handle:
+            handle.write(entry)
+    if wall_ratio > 0.6 or memory_ratio > 0.3:
+        print("TARGET MISSED", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Command line, run-time set-up and file helpers shared by every stage."""

@@ -1,0 +1,1 @@
+"""Prefect tasks: coarse, idempotent wrappers that call one stage each."""

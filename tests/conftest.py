@@ -1,0 +1,34 @@
+"""Shared fixtures."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from helpers import CLASSES, V6_HEADER, V13_HEADER
+
+
+@pytest.fixture
+def class_file(tmp_path: Path) -> Path:
+    path = tmp_path / "classes.csv"
+    with open(path, "w", newline="") as handle:
+        csv.writer(handle).writerows(CLASSES.items())
+    return path
+
+
+@pytest.fixture
+def write_boxes(tmp_path: Path) -> Callable[..., Path]:
+    """Write box rows as a V6 (21 columns) or validation/test (13 columns) CSV."""
+
+    def write(rows: list[dict], name: str = "boxes.csv", schema: str = "v6") -> Path:
+        header = V6_HEADER if schema == "v6" else V13_HEADER
+        path = tmp_path / name
+        with open(path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=header, restval="-1", extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+        return path
+
+    return write

@@ -1,0 +1,90 @@
+"""The `blipdiff` command: help, filter, demo, errors and reruns, through the installed console script."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+from helpers import shared_path
+
+from blipdiff.datasets.openimages import SUBJECT_COLUMNS, read_subjects
+
+BLIPDIFF = Path(sys.executable).parent / "blipdiff"
+
+
+def blipdiff(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BLIPDIFF), *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def test_help_lists_the_commands_without_importing_heavy_libraries():
+    done = blipdiff("--help")
+    assert done.returncode == 0
+    for command in ("filter", "demo"):
+        assert command in done.stdout
+    probe = (
+        "import sys, blipdiff.infra.cli; "
+        "heavy = {'pandas', 'pyarrow', 'torch', 'transformers', 'diffusers', 'ray', 'prefect', 'fiftyone'}; "
+        "print(sorted(heavy & set(sys.modules)))"
+    )
+    imported = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert imported.stdout.strip() == "[]"
+
+
+def test_filter_writes_subjects_and_funnel_and_a_rerun_replaces_them(tmp_path):
+    boxes = shared_path("openimages", "format_samples", "v3_val_test_annotations-human-bbox_sample.csv")
+    classes = shared_path("openimages", "class-descriptions-boxable.csv")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".tmp-left-by-a-killed-run.parquet").write_bytes(b"partial")
+    (out / "subjects.parquet").write_bytes(b"an older, different result")
+
+    done = blipdiff("filter", "--boxes", str(boxes), "--classes", str(classes), "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    assert "group" in done.stdout and "subjects" in done.stdout
+    subjects = read_subjects(out / "subjects.parquet")
+    assert tuple(subjects.columns) == SUBJECT_COLUMNS
+    funnel = json.loads((out / "funnel.json").read_text())
+    assert funnel["rows_read"] == len(pd.read_csv(boxes))
+    assert funnel["subjects"] == len(subjects)
+    assert sorted(p.name for p in out.iterdir()) == ["funnel.json", "subjects.parquet"]
+
+    again = blipdiff("filter", "--boxes", str(boxes), "--classes", str(classes), "--out", str(out))
+    assert again.returncode == 0
+    pd.testing.assert_frame_equal(read_subjects(out / "subjects.parquet"), subjects)
+    assert json.loads((out / "funnel.json").read_text()) == funnel
+
+
+def test_filter_errors_are_clear_and_leave_no_output(tmp_path):
+    classes = tmp_path / "classes.csv"
+    classes.write_text("/m/01yrx,Cat\n")
+    out = tmp_path / "out"
+
+    missing = blipdiff("filter", "--boxes", str(tmp_path / "nope.csv"), "--classes", str(classes), "--out", str(out))
+    assert missing.returncode == 2
+    assert "box annotations not found" in missing.stderr
+
+    not_boxes = tmp_path / "labels.csv"
+    not_boxes.write_text("ImageID,Source,LabelName,Confidence\n000026e7ee790996,verification,/m/01yrx,1\n")
+    wrong = blipdiff("filter", "--boxes", str(not_boxes), "--classes", str(classes), "--out", str(out))
+    assert wrong.returncode == 2
+    assert "missing column(s) XMin" in wrong.stderr
+    assert "Traceback" not in wrong.stderr
+
+    bad_classes = tmp_path / "bad-classes.csv"
+    bad_classes.write_text("/m/01yrx,Cat,extra\n")
+    rejected = blipdiff("filter", "--boxes", str(not_boxes), "--classes", str(bad_classes), "--out", str(out))
+    assert rejected.returncode == 2 and "expected `MID,Name`" in rejected.stderr
+    assert not out.exists()
+
+
+def test_demo_runs_the_bundled_sample(tmp_path):
+    done = blipdiff("demo", "--out", str(tmp_path / "demo"))
+    assert done.returncode == 0, done.stderr
+    subjects = read_subjects(tmp_path / "demo" / "subjects.parquet")
+    assert sorted(subjects["label_name"]) == ["Cat", "Coffee cup", "Horse"]
+    funnel = json.loads((tmp_path / "demo" / "funnel.json").read_text())
+    for rule in ("group", "aspect", "area", "human", "cluttered"):
+        assert funnel["removed"][rule] > 0, rule
