@@ -45,6 +45,51 @@ def filter_command(
     typer.echo(f"{result.funnel.subjects} subjects -> {out / 'subjects.parquet'}")
 
 
+@app.command("fetch")
+def fetch_command(
+    subjects: Annotated[Path, typer.Option(help="Parquet with an image_id column (the filter's subjects.parquet).")],
+    out: Annotated[Path, typer.Option(help="Image folder: images/, images.parquet, rejects.parquet.")],
+    url_template: Annotated[
+        str | None,
+        typer.Option(help="URL with {image_id} and {split}. [default: the official Open Images location]"),
+    ] = None,
+    split: Annotated[str, typer.Option(help="Open Images split that fills {split}.")] = "train",
+    images_csv: Annotated[
+        Path | None, typer.Option(help="The dataset's images CSV: download its OriginalURL (md5-checked).")
+    ] = None,
+    thumbnails: Annotated[bool, typer.Option(help="With --images-csv: Thumbnail300KURL instead.")] = False,
+    from_dir: Annotated[Path | None, typer.Option(help="Ingest {image_id}.<ext> files from this folder.")] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to connect and between bytes.")] = 30.0,
+    retries: Annotated[int, typer.Option(help="Retries after a 5xx, a timeout or a broken connection.")] = 3,
+    backoff: Annotated[float, typer.Option(help="Seconds before the first retry, doubled each time.")] = 1.0,
+    workers: Annotated[int, typer.Option(help="Downloads in flight (per Ray task on a cluster).")] = 16,
+    ray: Annotated[
+        bool | None, typer.Option("--ray/--no-ray", help="Fan out through Ray (default: when RAY_ADDRESS is set).")
+    ] = None,
+) -> None:
+    """Fetch the subjects' images into one verified, sharded folder; reruns resume."""
+    from pydantic import ValidationError
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from blipdiff.datasets.fetch import FetchConfig, fetch_images
+    from blipdiff.infra.report import ItemRateColumn, print_fetch_summary
+
+    try:
+        config = FetchConfig(
+            subjects=subjects, out=out, split=split, images_csv=images_csv, thumbnails=thumbnails,
+            from_dir=from_dir, timeout=timeout, retries=retries, backoff=backoff, workers=workers, ray=ray,
+            **({"url_template": url_template} if url_template is not None else {}),
+        )
+        columns = (TextColumn("fetch"), BarColumn(), MofNCompleteColumn(), ItemRateColumn(), TimeRemainingColumn())
+        with Progress(*columns, transient=False) as bar:
+            task = bar.add_task("fetch", total=None)
+            summary = fetch_images(config, progress=lambda done, total: bar.update(task, completed=done, total=total))
+    except (ValueError, FileNotFoundError, ValidationError) as error:
+        raise _fail(str(error)) from error
+    print_fetch_summary(summary)
+    typer.echo(f"manifest -> {out / 'images.parquet'}; rejects -> {out / 'rejects.parquet'}")
+
+
 @app.command("demo")
 def demo_command(
     out: Annotated[Path, typer.Option(help="Folder for the demo's outputs.")] = Path("blipdiff-demo"),

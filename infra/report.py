@@ -1,11 +1,17 @@
-"""Terminal tables for stage summaries."""
+"""Terminal tables and progress columns for stage summaries."""
 
 from __future__ import annotations
 
-from rich.console import Console
-from rich.table import Table
+from typing import TYPE_CHECKING
 
-from blipdiff.datasets.openimages import Funnel
+from rich.console import Console
+from rich.progress import ProgressColumn, Task
+from rich.table import Table
+from rich.text import Text
+
+if TYPE_CHECKING:
+    from blipdiff.datasets.fetch import FetchSummary
+    from blipdiff.datasets.openimages import Funnel
 
 
 def print_funnel(funnel: Funnel, console: Console | None = None) -> None:
@@ -16,4 +22,23 @@ def print_funnel(funnel: Funnel, console: Console | None = None) -> None:
     for rule, removed, left in funnel.rows():
         table.add_row(rule, f"{removed:,}", f"{left:,}")
     table.add_row("subjects", "", f"{funnel.subjects:,}", style="bold")
+    (console or Console()).print(table)
+
+
+class ItemRateColumn(ProgressColumn):
+    """Items per second."""
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text("-/s" if speed is None else f"{speed:,.1f}/s", style="progress.data.speed")
+
+
+def print_fetch_summary(summary: FetchSummary, console: Console | None = None) -> None:
+    table = Table(title="Fetch")
+    table.add_column("outcome")
+    table.add_column("images", justify="right")
+    table.add_row("fetched", f"{summary.fetched:,}")
+    table.add_row("skipped (already present)", f"{summary.skipped:,}")
+    for reason, count in summary.reasons().most_common():
+        table.add_row(f"rejected, {reason}", f"{count:,}")
     (console or Console()).print(table)
