@@ -16,7 +16,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -33,10 +32,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
-from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from blipdiff.datasets.decode import DEFAULT_MAX_PIXELS, DecodeFailure, inspect_image
 from blipdiff.infra.atomic import atomic_path
+from blipdiff.infra.journal import Journal
 
 IMAGE_ID_PATTERN = re.compile(r"^[0-9a-f]{16}\Z")
 DEFAULT_URL_TEMPLATE = "https://open-images-dataset.s3.amazonaws.com/{split}/{image_id}.jpg"
@@ -50,7 +50,6 @@ IMAGES_SCHEMA = pa.schema([
 REJECTS_SCHEMA = pa.schema([("image_id", pa.string()), ("stage", pa.string()), ("reason", pa.string())])
 JOURNAL = "journal.jsonl"
 PARTIAL = ".partial"
-EXIF_ORIENTATION = 0x0112
 CHUNK_BYTES = 1 << 16
 
 
@@ -71,7 +70,7 @@ class FetchConfig(BaseModel):
     backoff: float = Field(default=1.0, ge=0, description="seconds before the first retry, doubled each time")
     workers: int = Field(default=16, ge=1, description="downloads in flight (per Ray task on a cluster)")
     max_bytes: int = Field(default=64 << 20, gt=0, description="largest file accepted")
-    max_pixels: int = Field(default=89_478_485, gt=0, description="largest image accepted (decompression bombs)")
+    max_pixels: int = Field(default=DEFAULT_MAX_PIXELS, gt=0, description="largest image accepted (decompression bombs)")
     ray: bool | None = Field(default=None, description="fan out through Ray; default: when RAY_ADDRESS is set")
     ray_shard: int = Field(default=256, ge=1, description="images per Ray task")
 
@@ -154,38 +153,6 @@ def read_image_ids(subjects: Path) -> list[str]:
     return sorted({str(v) if v is not None else "" for v in table.column("image_id").to_pylist()})
 
 
-def inspect_image(path: Path, max_pixels: int) -> tuple[str, int, int]:
-    """Decode the whole file (content decides the format); return (format, width, height).
-
-    Width and height are as displayed, after EXIF orientation. Raises _Failure("decode", ...).
-    """
-    with open(path, "rb") as handle:
-        head = handle.read(512).lstrip().lower()
-    if head.startswith((b"<!doctype html", b"<html", b"<?xml", b"<head", b"<body")):
-        raise _Failure("decode", "HTML page instead of an image")
-    if not head:
-        raise _Failure("decode", "empty file")
-    try:
-        with Image.open(path) as image:
-            width, height = image.size
-            if width * height > max_pixels:
-                raise _Failure("decode", f"{width}x{height} exceeds the {max_pixels}-pixel limit")
-            image_format = image.format or "unknown"
-            orientation = image.getexif().get(EXIF_ORIENTATION)
-            image.load()
-    except _Failure:
-        raise
-    except Image.DecompressionBombError as error:
-        raise _Failure("decode", f"decompression bomb: {error}") from error
-    except UnidentifiedImageError as error:
-        raise _Failure("decode", "not an image Pillow can identify") from error
-    except (OSError, SyntaxError, ValueError, EOFError) as error:
-        raise _Failure("decode", f"does not decode: {error}") from error
-    if orientation in (5, 6, 7, 8):
-        width, height = height, width
-    return image_format, width, height
-
-
 class Fetcher:
     """Executes jobs: download or copy to a temporary name, verify, rename into place."""
 
@@ -205,12 +172,15 @@ class Fetcher:
                 size, md5 = self._copy(Path(job.source), temp)
             if job.expected_md5 is not None and md5 != job.expected_md5:
                 raise _Failure("download", f"md5 {md5} differs from the images CSV's {job.expected_md5}")
-            image_format, width, height = inspect_image(temp, self.config.max_pixels)
-            relative = shard_path(job.image_id, SUFFIX_OF_FORMAT.get(image_format, f".{image_format.lower()}"))
+            try:
+                info = inspect_image(temp, self.config.max_pixels)
+            except DecodeFailure as failure:
+                raise _Failure("decode", str(failure)) from failure
+            relative = shard_path(job.image_id, SUFFIX_OF_FORMAT.get(info.format, f".{info.format.lower()}"))
             target = self.out / relative
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(temp, target)
-            return ImageRecord(job.image_id, relative, width, height, size, md5, job.source)
+            return ImageRecord(job.image_id, relative, info.width, info.height, size, md5, job.source)
         except _Failure as failure:
             return Reject(job.image_id, failure.stage, failure.reason)
         finally:
@@ -323,32 +293,6 @@ def run_jobs_on_ray(config: FetchConfig, jobs: list[Job], on_done: Callable[[Ima
             on_done(outcome)
 
 
-class Journal:
-    """Append-only record of accepted images; a torn last line (kill -9) is ignored."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self._lock = threading.Lock()
-
-    def load(self) -> dict[str, ImageRecord]:
-        records: dict[str, ImageRecord] = {}
-        if not self.path.exists():
-            return records
-        with open(self.path, encoding="utf-8", errors="replace") as handle:
-            for line in handle:
-                try:
-                    record = ImageRecord(**json.loads(line))
-                except (json.JSONDecodeError, TypeError):
-                    continue
-                records[record.image_id] = record
-        return records
-
-    def append(self, record: ImageRecord) -> None:
-        line = json.dumps(asdict(record), separators=(",", ":")) + "\n"
-        with self._lock, open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(line)
-
-
 def _index_folder(folder: Path) -> dict[str, Path]:
     """Image files below ``folder`` whose name is an image id, by id (first in sorted order wins)."""
     if not folder.is_dir():
@@ -418,6 +362,17 @@ def plan(config: FetchConfig, ids: list[str]) -> tuple[list[Job], list[Reject]]:
     return [Job(i, config.url_template.format(image_id=i, split=config.split)) for i in ids], []
 
 
+def _journal_records(journal: Journal) -> dict[str, ImageRecord]:
+    records = {}
+    for entry in journal.load():
+        try:
+            record = ImageRecord(**entry)
+        except TypeError:
+            continue
+        records[record.image_id] = record
+    return records
+
+
 def _already_done(out: Path, ids: list[str], journal: dict[str, ImageRecord]) -> dict[str, ImageRecord]:
     """Journal records whose file is still in place, with its size. A file renamed into place just
     before a kill, whose journal line was never written, is fetched again and replaced atomically."""
@@ -441,7 +396,7 @@ def fetch_images(config: FetchConfig, progress: Callable[[int, int], None] | Non
     shutil.rmtree(out / PARTIAL, ignore_errors=True)
 
     journal = Journal(out / JOURNAL)
-    done = _already_done(out, valid, journal.load())
+    done = _already_done(out, valid, _journal_records(journal))
     records: dict[str, ImageRecord] = {}
     jobs, source_rejects = plan(config, [i for i in valid if i not in done])
     rejects = invalid + source_rejects
@@ -451,7 +406,7 @@ def fetch_images(config: FetchConfig, progress: Callable[[int, int], None] | Non
     def on_done(outcome: ImageRecord | Reject) -> None:
         nonlocal finished
         if isinstance(outcome, ImageRecord):
-            journal.append(outcome)
+            journal.append(asdict(outcome))
             records[outcome.image_id] = outcome
         else:
             rejects.append(outcome)

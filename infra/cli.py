@@ -90,6 +90,80 @@ def fetch_command(
     typer.echo(f"manifest -> {out / 'images.parquet'}; rejects -> {out / 'rejects.parquet'}")
 
 
+@app.command("build")
+def build_command(
+    subjects: Annotated[Path, typer.Option(help="The filter's subjects.parquet.")],
+    images: Annotated[Path, typer.Option(help="A fetch output folder, or a folder of {image_id}.jpg.")],
+    backgrounds: Annotated[Path, typer.Option(help="Folder of background photos.")],
+    out: Annotated[Path, typer.Option(help="Output folder: pairs.parquet, rejects.parquet, image files.")],
+    captioner: Annotated[str, typer.Option(help="template (weight-free) or blip2.")] = "template",
+    caption_model: Annotated[str, typer.Option(help="BLIP-2 hub id or local folder.")] = "Salesforce/blip2-opt-6.7b",
+    clip_model: Annotated[str | None, typer.Option(help="CLIP hub id or folder that ranks sampled captions.")] = None,
+    num_captions: Annotated[int, typer.Option(help="Captions sampled per image (the authors: 48).")] = 1,
+    segmenter: Annotated[str, typer.Option(help="grabcut (weight-free) or clipseg.")] = "grabcut",
+    segment_model: Annotated[str, typer.Option(help="CLIPSeg hub id or local folder.")] = "CIDAS/clipseg-rd64-refined",
+    device: Annotated[str | None, typer.Option(help="Model device (default: cuda when available).")] = None,
+    actors: Annotated[int, typer.Option(help="Actors per model stage.")] = 1,
+    gpus_per_actor: Annotated[float, typer.Option(help="GPUs per model actor.")] = 0.0,
+    batch_size: Annotated[int, typer.Option(help="Images per model call.")] = 8,
+    seed: Annotated[int, typer.Option(help="Seed of the background draws.")] = 0,
+) -> None:
+    """Build the synthetic training pairs: caption, segment, trimap, matte, composite."""
+    from pydantic import ValidationError
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from blipdiff.datasets.build import BuildConfig, build_pairs
+    from blipdiff.infra.report import ItemRateColumn, print_build_summary
+
+    try:
+        config = BuildConfig(
+            subjects=subjects, images=images, backgrounds=backgrounds, out=out, captioner=captioner,
+            caption_model=caption_model, clip_model=clip_model, num_captions=num_captions, segmenter=segmenter,
+            segment_model=segment_model, device=device, actors=actors, gpus_per_actor=gpus_per_actor,
+            model_batch_size=batch_size, seed=seed,
+        )
+        columns = (TextColumn("build"), BarColumn(), MofNCompleteColumn(), ItemRateColumn(), TimeRemainingColumn())
+        with Progress(*columns) as bar:
+            task = bar.add_task("build", total=None)
+            summary = build_pairs(config, progress=lambda done, total: bar.update(task, completed=done, total=total))
+    except (ValueError, FileNotFoundError, ValidationError) as error:
+        raise _fail(str(error)) from error
+    print_build_summary(summary)
+    typer.echo(f"pairs -> {out / 'pairs.parquet'}; rejects -> {out / 'rejects.parquet'}")
+
+
+@app.command("matte")
+def matte_command(
+    images: Annotated[Path, typer.Option(help="Folder of images to matte.")],
+    out: Annotated[Path, typer.Option(help="Folder for the 8-bit PNG alphas (same file names).")],
+    trimaps: Annotated[Path | None, typer.Option(help="Folder of same-named trimaps (0, 128, 255).")] = None,
+    boxes: Annotated[Path | None, typer.Option(help="CSV name,x_min,x_max,y_min,y_max (normalised).")] = None,
+    segmenter: Annotated[str, typer.Option(help="With --boxes: grabcut (weight-free) or clipseg.")] = "grabcut",
+    working_long_side: Annotated[
+        int | None, typer.Option(help="Solve at this long side and scale back (default: full resolution).")
+    ] = None,
+) -> None:
+    """Pull an alpha matte for every image in a folder, from trimaps or from boxes."""
+    from blipdiff.datasets.matting import MattingConfig, matte_folder, read_box_csv
+    from blipdiff.models.segmenters import make_segmenter
+
+    if (trimaps is None) == (boxes is None):
+        raise _fail("give exactly one of --trimaps and --boxes")
+    try:
+        report = matte_folder(
+            images, out, trimaps=trimaps, boxes=read_box_csv(boxes) if boxes else None,
+            segmenter=make_segmenter(segmenter) if boxes else None,
+            matting=MattingConfig(working_long_side=working_long_side),
+        )
+    except (ValueError, FileNotFoundError) as error:
+        raise _fail(str(error)) from error
+    typer.echo(f"{len(report.written)} mattes -> {out}")
+    for name, reason in report.failed.items():
+        typer.secho(f"failed: {name}: {reason}", fg=typer.colors.YELLOW, err=True)
+    if report.failed:
+        raise typer.Exit(code=1)
+
+
 @app.command("demo")
 def demo_command(
     out: Annotated[Path, typer.Option(help="Folder for the demo's outputs.")] = Path("blipdiff-demo"),

@@ -10,6 +10,7 @@ from rich.table import Table
 from rich.text import Text
 
 if TYPE_CHECKING:
+    from blipdiff.datasets.build import BuildSummary
     from blipdiff.datasets.fetch import FetchSummary
     from blipdiff.datasets.openimages import Funnel
 
@@ -42,3 +43,19 @@ def print_fetch_summary(summary: FetchSummary, console: Console | None = None) -
     for reason, count in summary.reasons().most_common():
         table.add_row(f"rejected, {reason}", f"{count:,}")
     (console or Console()).print(table)
+
+
+def print_build_summary(summary: BuildSummary, console: Console | None = None) -> None:
+    table = Table(title="Build")
+    table.add_column("outcome")
+    table.add_column("subjects", justify="right")
+    table.add_row("pairs", f"{summary.pairs:,}")
+    table.add_row("skipped (done by an earlier run)", f"{summary.skipped:,}")
+    for reason, count in summary.rejects.most_common():
+        table.add_row(f"rejected, {reason}", f"{count:,}")
+    (console or Console()).print(table)
+    stages = Table(title="Mean seconds per pair and stage")
+    for stage in summary.seconds_per_stage:
+        stages.add_column(stage, justify="right")
+    stages.add_row(*(f"{seconds:.3f}" for seconds in summary.seconds_per_stage.values()))
+    (console or Console()).print(stages)

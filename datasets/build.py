@@ -1,0 +1,383 @@
+"""Subject extraction: each subject image becomes (synthetic input, original target, caption).
+
+For every subject: decode (content decides the format, EXIF orientation, 8-bit RGB, limits, the aspect
+rule re-checked in pixels), caption, segment, trimap, closed-form matte with foreground estimation, and
+a composite over a background drawn deterministically from (seed, image id). The model stages run as
+Ray Data `map_batches` over actor pools, so each model loads once per actor; decoding and the matting
+and compositing stage run as Ray tasks. Every finished subject (a pair or a reject) is appended to
+``OUT/journal.jsonl`` as it arrives, after its files were written atomically: a rerun, or a run after a
+crash, skips it. ``pairs.parquet`` and ``rejects.parquet`` are rebuilt from the journal at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import cv2
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Field
+
+from blipdiff.datasets.compose import background_for, list_backgrounds
+from blipdiff.datasets.decode import DEFAULT_MAX_PIXELS, DecodeFailure, decode_image
+from blipdiff.datasets.matting import (
+    TRIMAP_UNKNOWN,
+    MattingConfig,
+    MattingError,
+    TrimapConfig,
+    box_in_pixels,
+    composite,
+    make_trimap,
+    pull_matte,
+)
+from blipdiff.datasets.openimages import read_subjects
+from blipdiff.infra.atomic import atomic_path, write_json_atomic
+from blipdiff.infra.journal import Journal
+
+STAGES = ("decode", "caption", "segment", "trimap", "matte", "composite")
+IMAGE_KINDS = {"target": ".jpg", "composite": ".jpg", "input": ".jpg", "alpha": ".png", "trimap": ".png"}
+JOURNAL = "journal.jsonl"
+SETTINGS = "build.json"
+PAIR_FIELDS = [
+    ("image_id", pa.string()), ("label_mid", pa.string()), ("label_name", pa.string()),
+    ("caption", pa.string()), ("captions", pa.list_(pa.string())), ("width", pa.int32()), ("height", pa.int32()),
+    ("box_x0", pa.int32()), ("box_y0", pa.int32()), ("box_x1", pa.int32()), ("box_y1", pa.int32()),
+    *((f"{kind}_path", pa.string()) for kind in IMAGE_KINDS),
+    ("background", pa.string()), ("background_crop", pa.list_(pa.int32())),
+    ("foreground_fraction", pa.float64()), ("unknown_fraction", pa.float64()),
+    *((f"{stage}_seconds", pa.float64()) for stage in STAGES),
+]
+PAIRS_SCHEMA = pa.schema(PAIR_FIELDS)
+REJECTS_SCHEMA = pa.schema([("image_id", pa.string()), ("stage", pa.string()), ("reason", pa.string())])
+
+
+class BuildConfig(BaseModel):
+    """One build run; shared by the CLI, the flows and the tests."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    subjects: Path = Field(description="the filter's subjects.parquet")
+    images: Path = Field(description="a fetch output folder (images.parquet) or a folder of {image_id}.jpg")
+    backgrounds: Path = Field(description="folder of background photos")
+    out: Path = Field(description="output folder: pairs.parquet, rejects.parquet and the image files")
+    captioner: Literal["template", "blip2"] = "template"
+    caption_model: str = Field(default="Salesforce/blip2-opt-6.7b", description="BLIP-2 hub id or folder")
+    clip_model: str | None = Field(default=None, description="CLIP hub id or folder to rank sampled captions")
+    num_captions: int = Field(default=1, ge=1, description="captions sampled per image (the authors: 48)")
+    top_p: float = Field(default=0.95, gt=0, le=1)
+    min_caption_length: int = Field(default=5, ge=0)
+    keep_captions: int = Field(default=5, ge=1)
+    segmenter: Literal["grabcut", "clipseg"] = "grabcut"
+    segment_model: str = Field(default="CIDAS/clipseg-rd64-refined", description="CLIPSeg hub id or folder")
+    device: str | None = Field(default=None, description="model device; default cuda when available")
+    model_batch_size: int = Field(default=8, ge=1, description="images per model call")
+    actors: int = Field(default=1, ge=1, description="actors per model stage")
+    gpus_per_actor: float = Field(default=0.0, ge=0)
+    cpus_per_actor: float = Field(default=0.5, gt=0, description="fractional, so model actors never starve tasks")
+    trimap: TrimapConfig = TrimapConfig()
+    matting: MattingConfig = MattingConfig()
+    seed: int = 0
+    max_pixels: int = Field(default=DEFAULT_MAX_PIXELS, gt=0)
+    max_aspect: float = Field(default=2.0, gt=1)
+    jpeg_quality: int = Field(default=95, ge=1, le=100)
+
+    def fingerprint(self) -> dict:
+        """The settings that decide the outputs: a folder never mixes two of them."""
+        return self.model_dump(mode="json", exclude={"subjects", "images", "out", "actors", "device",
+                                                      "model_batch_size", "gpus_per_actor", "cpus_per_actor"})
+
+
+@dataclass
+class BuildSummary:
+    pairs: int
+    rejects: Counter
+    skipped: int
+    seconds_per_stage: dict[str, float]
+
+
+def image_paths(images: Path, ids: list[str]) -> dict[str, Path]:
+    """Each id's file: from a fetch folder's images.parquet, else ``images/{image_id}.jpg``."""
+    manifest = Path(images) / "images.parquet"
+    if manifest.is_file():
+        table = pq.read_table(manifest, columns=["image_id", "path"]).to_pydict()
+        known = dict(zip(table["image_id"], table["path"], strict=True))
+        return {i: Path(images) / known[i] if i in known else Path(images) / f"{i}.jpg" for i in ids}
+    return {i: Path(images) / f"{i}.jpg" for i in ids}
+
+
+def _relative(kind: str, image_id: str) -> str:
+    return f"{kind}/{image_id[:2]}/{image_id}{IMAGE_KINDS[kind]}"
+
+
+def _reject(row: dict, stage: str, reason: str) -> dict:
+    return {"image_id": row["image_id"], "reject_stage": stage, "reject_reason": reason}
+
+
+def decode_subject(row: dict, config: BuildConfig) -> dict:
+    """Decode stage: pixels, or a reject; the aspect rule is re-checked in pixels."""
+    started = time.perf_counter()
+    try:
+        pixels = decode_image(Path(row["path"]), config.max_pixels)
+    except DecodeFailure as failure:
+        return _reject(row, "decode", str(failure))
+    height, width = pixels.shape[:2]
+    box_width = (row["x_max"] - row["x_min"]) * width
+    box_height = (row["y_max"] - row["y_min"]) * height
+    aspect = max(box_width / box_height, box_height / box_width)
+    if aspect > config.max_aspect:
+        return _reject(row, "decode", f"box aspect {aspect:.2f} in pixels exceeds {config.max_aspect:g}")
+    return {**row, "pixels": pixels, "decode_seconds": time.perf_counter() - started}
+
+
+def finish_subject(row: dict, config: BuildConfig, backgrounds: list[Path]) -> dict:
+    """Trimap, matte, composite, and every image file of the pair, written atomically."""
+    image_id, pixels, probabilities = row["image_id"], row["pixels"], row["probabilities"]
+    height, width = pixels.shape[:2]
+    box_px = box_in_pixels((row["x_min"], row["x_max"], row["y_min"], row["y_max"]), width, height)
+    seconds = {stage: row[f"{stage}_seconds"] for stage in ("decode", "caption", "segment")}
+
+    started = time.perf_counter()
+    try:
+        trimap = make_trimap(probabilities, box_px, config.trimap)
+    except MattingError as error:
+        return _reject(row, "trimap", str(error))
+    seconds["trimap"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    try:
+        alpha, foreground = pull_matte(pixels, trimap, config.matting)
+    except MattingError as error:
+        return _reject(row, "matte", str(error))
+    seconds["matte"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    try:
+        background, choice = background_for(backgrounds, config.seed, image_id, width, height)
+    except DecodeFailure as failure:
+        return _reject(row, "composite", str(failure))
+    blended = composite(foreground, alpha, background)
+    x0, y0, x1, y1 = box_px
+    images = {
+        "target": pixels,
+        "composite": blended,
+        "input": blended[y0:y1, x0:x1],
+        "alpha": np.clip(np.rint(alpha * 255.0), 0, 255).astype(np.uint8),
+        "trimap": trimap,
+    }
+    for kind, image in images.items():
+        _write_image(config.out / _relative(kind, image_id), image, config.jpeg_quality)
+    seconds["composite"] = time.perf_counter() - started
+
+    return {
+        "image_id": image_id, "label_mid": row["label_mid"], "label_name": row["label_name"],
+        "caption": row["caption"], "captions": list(row["captions"]), "width": width, "height": height,
+        "box_x0": x0, "box_y0": y0, "box_x1": x1, "box_y1": y1,
+        **{f"{kind}_path": _relative(kind, image_id) for kind in IMAGE_KINDS},
+        "background": choice.name, "background_crop": [choice.x, choice.y, choice.width, choice.height],
+        "foreground_fraction": float(alpha.mean()),
+        "unknown_fraction": float((trimap == TRIMAP_UNKNOWN).mean()),
+        **{f"{stage}_seconds": float(value) for stage, value in seconds.items()},
+    }
+
+
+def _write_image(path: Path, image: np.ndarray, jpeg_quality: int) -> None:
+    if image.ndim == 3:
+        image = image[..., ::-1]
+    params = [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality] if path.suffix == ".jpg" else [cv2.IMWRITE_PNG_COMPRESSION, 3]
+    ok, encoded = cv2.imencode(path.suffix, np.ascontiguousarray(image), params)
+    if not ok:
+        raise OSError(f"cannot encode {path}")
+    with atomic_path(path) as temp:
+        temp.write_bytes(encoded.tobytes())
+
+
+class CaptionStage:
+    """Ray Data actor: the captioner loads once per actor and captions batches of decoded subjects."""
+
+    def __init__(self, config_json: str):
+        from blipdiff.models.captioners import make_captioner
+
+        config = BuildConfig.model_validate_json(config_json)
+        if config.captioner == "template":
+            self.captioner = make_captioner("template")
+        else:
+            options = {"model": config.caption_model, "batch_size": config.model_batch_size,
+                       "num_captions": config.num_captions, "top_p": config.top_p,
+                       "min_length": config.min_caption_length, "keep": config.keep_captions,
+                       "clip_model": config.clip_model, "seed": config.seed}
+            if config.device:
+                options["device"] = config.device
+            self.captioner = make_captioner("blip2", **options)
+
+    def __call__(self, batch: dict) -> dict:
+        rows = _rows(batch)
+        live = [i for i, row in enumerate(rows) if "reject_stage" not in row]
+        started = time.perf_counter()
+        try:
+            captions = self.captioner.caption([rows[i]["pixels"] for i in live], [rows[i]["label_name"] for i in live])
+        except (RuntimeError, ValueError) as error:
+            for i in live:
+                rows[i] = _reject(rows[i], "caption", f"{type(error).__name__}: {error}")
+            return _batch(rows)
+        each = (time.perf_counter() - started) / max(len(live), 1)
+        for i, result in zip(live, captions, strict=True):
+            rows[i] = {**rows[i], "caption": result.caption, "captions": list(result.kept), "caption_seconds": each}
+        return _batch(rows)
+
+
+class SegmentStage:
+    """Ray Data actor: the segmenter loads once per actor and maps the subject's probability."""
+
+    def __init__(self, config_json: str):
+        from blipdiff.models.segmenters import make_segmenter
+
+        config = BuildConfig.model_validate_json(config_json)
+        if config.segmenter == "grabcut":
+            self.segmenter = make_segmenter("grabcut", seed=config.seed)
+        else:
+            options = {"model": config.segment_model, "batch_size": config.model_batch_size}
+            if config.device:
+                options["device"] = config.device
+            self.segmenter = make_segmenter("clipseg", **options)
+
+    def __call__(self, batch: dict) -> dict:
+        rows = _rows(batch)
+        live = [i for i, row in enumerate(rows) if "reject_stage" not in row]
+        started = time.perf_counter()
+        try:
+            maps = self.segmenter.probabilities(
+                [rows[i]["pixels"] for i in live], [rows[i]["label_name"] for i in live],
+                [(rows[i]["x_min"], rows[i]["x_max"], rows[i]["y_min"], rows[i]["y_max"]) for i in live],
+            )
+        except (RuntimeError, ValueError, cv2.error) as error:
+            for i in live:
+                rows[i] = _reject(rows[i], "segment", f"{type(error).__name__}: {error}")
+            return _batch(rows)
+        each = (time.perf_counter() - started) / max(len(live), 1)
+        for i, probabilities in zip(live, maps, strict=True):
+            rows[i] = {**rows[i], "probabilities": probabilities.astype(np.float32), "segment_seconds": each}
+        return _batch(rows)
+
+
+# Rows travel through Ray Data as one pickled column: images of every size, maps and captions stay
+# opaque to Arrow, which would otherwise try to infer (and reshape) a schema for them.
+def _pack(row: dict) -> bytes:
+    return pickle.dumps(row, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _rows(batch: dict) -> list[dict]:
+    return [pickle.loads(item) for item in batch["payload"]]
+
+
+def _batch(rows: list[dict]) -> dict:
+    payload = np.empty(len(rows), dtype=object)
+    payload[:] = [_pack(row) for row in rows]
+    return {"payload": payload}
+
+
+def _settings_guard(config: BuildConfig) -> None:
+    settings_path = config.out / SETTINGS
+    wanted = config.fingerprint()
+    if settings_path.exists():
+        existing = json.loads(settings_path.read_text())
+        if existing != wanted:
+            changed = sorted(k for k in set(existing) | set(wanted) if existing.get(k) != wanted.get(k))
+            raise ValueError(
+                f"{config.out} holds a build made with other settings ({', '.join(changed)}): "
+                "use a new --out folder so that two builds never mix"
+            )
+    else:
+        write_json_atomic(wanted, settings_path)
+
+
+def run_pipeline(config: BuildConfig, rows: list[dict], on_done: Callable[[dict], None]) -> None:
+    """Decode → caption → segment → finish, on Ray; ``on_done`` gets each finished row as it arrives."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False)
+    config_json = config.model_dump_json()
+    backgrounds = list_backgrounds(config.backgrounds)
+
+    def decode(row: dict) -> dict:
+        return {"payload": _pack(decode_subject(pickle.loads(row["payload"]), BuildConfig.model_validate_json(config_json)))}
+
+    def finish(row: dict) -> dict:
+        item = pickle.loads(row["payload"])
+        if "reject_stage" not in item:
+            item = finish_subject(item, BuildConfig.model_validate_json(config_json), backgrounds)
+        return {"payload": _pack(item)}
+
+    model_resources = {"num_cpus": config.cpus_per_actor, "num_gpus": config.gpus_per_actor or None}
+    dataset = (
+        ray.data.from_items([{"payload": _pack(row)} for row in rows], override_num_blocks=max(1, min(len(rows), 64)))
+        .map(decode)
+        .map_batches(CaptionStage, fn_constructor_args=(config_json,), batch_size=config.model_batch_size,
+                     concurrency=config.actors, batch_format="numpy", **model_resources)
+        .map_batches(SegmentStage, fn_constructor_args=(config_json,), batch_size=config.model_batch_size,
+                     concurrency=config.actors, batch_format="numpy", **model_resources)
+        .map(finish)
+    )
+    for row in dataset.iter_rows():
+        on_done(pickle.loads(row["payload"]))
+
+
+def build_pairs(config: BuildConfig, progress: Callable[[int, int], None] | None = None) -> BuildSummary:
+    """Build every subject's pair into ``config.out``; finished subjects of earlier runs are skipped."""
+    subjects = read_subjects(config.subjects)
+    list_backgrounds(config.backgrounds)
+    config.out.mkdir(parents=True, exist_ok=True)
+    _settings_guard(config)
+    journal = Journal(config.out / JOURNAL)
+    finished = {entry["image_id"]: entry for entry in journal.load() if "image_id" in entry}
+    wanted = subjects[~subjects["image_id"].duplicated()]
+    paths = image_paths(config.images, list(wanted["image_id"]))
+    rows = [
+        {**record, "path": str(paths[record["image_id"]])}
+        for record in wanted.to_dict("records")
+        if record["image_id"] not in finished or not _files_present(config.out, finished[record["image_id"]])
+    ]
+    skipped = len(wanted) - len(rows)
+    done = 0
+
+    def on_done(entry: dict) -> None:
+        nonlocal done
+        journal.append(entry)
+        finished[entry["image_id"]] = entry
+        done += 1
+        if progress is not None:
+            progress(done, len(rows))
+
+    if rows:
+        run_pipeline(config, rows, on_done)
+    return _write_outputs(config.out, [finished[i] for i in sorted(set(wanted["image_id"]) & set(finished))], skipped)
+
+
+def _files_present(out: Path, entry: dict) -> bool:
+    if "reject_stage" in entry:
+        return True
+    return all((out / entry[f"{kind}_path"]).is_file() for kind in IMAGE_KINDS)
+
+
+def _write_outputs(out: Path, entries: list[dict], skipped: int) -> BuildSummary:
+    pairs = [e for e in entries if "reject_stage" not in e]
+    rejects = [{"image_id": e["image_id"], "stage": e["reject_stage"], "reason": e["reject_reason"]}
+               for e in entries if "reject_stage" in e]
+    for name, rows, schema in (("pairs.parquet", pairs, PAIRS_SCHEMA), ("rejects.parquet", rejects, REJECTS_SCHEMA)):
+        table = pa.Table.from_pylist([{f.name: row[f.name] for f in schema} for row in rows], schema=schema)
+        with atomic_path(out / name) as temp:
+            pq.write_table(table, temp)
+    seconds = {stage: float(np.mean([p[f"{stage}_seconds"] for p in pairs])) if pairs else 0.0 for stage in STAGES}
+    return BuildSummary(
+        pairs=len(pairs), rejects=Counter(f"{r['stage']}: {r['reason']}" for r in rejects), skipped=skipped,
+        seconds_per_stage=seconds,
+    )
