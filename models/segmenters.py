@@ -23,20 +23,36 @@ class Segmenter(Protocol):
 
 
 class GrabCutSegmenter:
-    """GrabCut from the box, at a working resolution; the map is its final labelling.
+    """GrabCut from the box, run a few times; the map is the share of runs that call a pixel foreground.
 
-    Pixels GrabCut calls foreground (sure or probable) score 1, the rest 0, and the map is smoothed
-    over a few pixels so that the trimap's thresholds see the edge's uncertainty.
+    Outside the box is background. Inside, each run marks a ring along the box's edges as probable
+    background (its width is what varies between runs) and a small ellipse at the box's centre as
+    sure foreground, the rest probable foreground. The ring lets GrabCut learn the background from
+    inside a box that fills most of the photo; the core anchors the subject's colours. No single ring
+    width suits every photo, and where the runs disagree the map is uncertain, which the trimap turns
+    into unknown pixels for the matte to resolve. Measured on the alphamatting.com set: bench/matting.py.
     """
 
-    def __init__(self, iterations: int = 5, working_long_side: int = 512, edge_blur: float = 0.005, ring: float = 0.05,
-                 seed: int = 0):
+    def __init__(
+        self,
+        iterations: int = 8,
+        working_long_side: int = 512,
+        rings: tuple[float, ...] = (0.05, 0.1, 0.15, 0.2, 0.25),
+        core: float = 0.2,
+        edge_blur: float = 0.005,
+        seed: int = 0,
+    ):
         if iterations < 1:
             raise ValueError("GrabCut needs at least one iteration")
+        if not rings or any(not 0 <= ring < 0.5 for ring in rings):
+            raise ValueError(f"ring widths must lie in [0, 0.5): {rings}")
+        if not 0 <= core < 1:
+            raise ValueError(f"core must lie in [0, 1): {core}")
         self.iterations = iterations
         self.working_long_side = working_long_side
+        self.rings = tuple(rings)
+        self.core = core
         self.edge_blur = edge_blur
-        self.ring = ring
         self.seed = seed
 
     def probabilities(self, images: list[np.ndarray], labels: list[str], boxes: list[Box]) -> list[np.ndarray]:
@@ -49,38 +65,43 @@ class GrabCutSegmenter:
         scale = min(1.0, self.working_long_side / max(height, width))
         size = (max(1, round(width * scale)), max(1, round(height * scale)))
         work = cv2.resize(image, size, interpolation=cv2.INTER_AREA) if scale < 1 else image
+        work = np.ascontiguousarray(work[..., ::-1])
         x0, y0, x1, y1 = box_in_pixels(box, size[0], size[1])
         if x1 - x0 < 2 or y1 - y0 < 2:
             return np.zeros((height, width), dtype=np.float32)
-        # Outside the box is background; inside, probably foreground. A box edge on the image border
-        # stays foreground there (a rectangle would force the border row to background), and a box
-        # covering the whole image leaves a one-pixel frame as probable background to learn from.
-        mask = np.full((size[1], size[0]), cv2.GC_BGD, dtype=np.uint8)
-        mask[y0:y1, x0:x1] = cv2.GC_PR_FGD
-        if self.ring > 0:
-            ry, rx = max(1, int(self.ring * (y1 - y0))), max(1, int(self.ring * (x1 - x0)))
-            inner = mask[y0 + ry : y1 - ry, x0 + rx : x1 - rx].copy()
-            mask[y0:y1, x0:x1] = cv2.GC_PR_BGD
-            mask[y0 + ry : y1 - ry, x0 + rx : x1 - rx] = inner
-        if not (mask == cv2.GC_BGD).any():
-            mask[[0, -1], :] = cv2.GC_PR_BGD
-            mask[:, [0, -1]] = cv2.GC_PR_BGD
-        background_model = np.zeros((1, 65), dtype=np.float64)
-        foreground_model = np.zeros((1, 65), dtype=np.float64)
-        # GrabCut's k-means draws from OpenCV's per-thread generator: seed it for every image, so a
-        # result never depends on which images the same worker segmented before.
-        cv2.setRNGSeed(self.seed)
-        cv2.grabCut(
-            np.ascontiguousarray(work[..., ::-1]), mask, None, background_model, foreground_model,
-            self.iterations, cv2.GC_INIT_WITH_MASK,
-        )
-        labelled = np.isin(mask, (cv2.GC_FGD, cv2.GC_PR_FGD)).astype(np.float32)
+        votes = np.zeros((size[1], size[0]), dtype=np.float32)
+        for ring in self.rings:
+            mask = self._initial_mask(size, (x0, y0, x1, y1), ring)
+            # GrabCut's k-means draws from OpenCV's per-thread generator: seed it for every run, so a
+            # result never depends on which images the same worker segmented before.
+            cv2.setRNGSeed(self.seed)
+            cv2.grabCut(work, mask, None, np.zeros((1, 65)), np.zeros((1, 65)), self.iterations,
+                        cv2.GC_INIT_WITH_MASK)
+            votes += np.isin(mask, (cv2.GC_FGD, cv2.GC_PR_FGD))
+        votes /= len(self.rings)
         sigma = self.edge_blur * max(size)
         if sigma > 0:
-            labelled = cv2.GaussianBlur(labelled, (0, 0), sigma)
+            votes = cv2.GaussianBlur(votes, (0, 0), sigma)
         if scale < 1:
-            labelled = cv2.resize(labelled, (width, height), interpolation=cv2.INTER_LINEAR)
-        return np.clip(labelled, 0.0, 1.0)
+            votes = cv2.resize(votes, (width, height), interpolation=cv2.INTER_LINEAR)
+        return np.clip(votes, 0.0, 1.0)
+
+    def _initial_mask(self, size: tuple[int, int], box_px: tuple[int, int, int, int], ring: float) -> np.ndarray:
+        x0, y0, x1, y1 = box_px
+        mask = np.full((size[1], size[0]), cv2.GC_BGD, dtype=np.uint8)
+        mask[y0:y1, x0:x1] = cv2.GC_PR_BGD if ring > 0 else cv2.GC_PR_FGD
+        ry, rx = int(ring * (y1 - y0)), int(ring * (x1 - x0))
+        mask[y0 + ry : y1 - ry, x0 + rx : x1 - rx] = cv2.GC_PR_FGD
+        if self.core > 0:
+            cy, cx = (y0 + y1 - 1) / 2, (x0 + x1 - 1) / 2
+            half_y, half_x = max(self.core * (y1 - y0) / 2, 1), max(self.core * (x1 - x0) / 2, 1)
+            yy, xx = np.ogrid[: size[1], : size[0]]
+            mask[((yy - cy) / half_y) ** 2 + ((xx - cx) / half_x) ** 2 <= 1] = cv2.GC_FGD
+        if not np.isin(mask, (cv2.GC_BGD, cv2.GC_PR_BGD)).any():
+            # A box over the whole photo, without a ring: a one-pixel frame is all there is to learn from.
+            mask[[0, -1], :] = cv2.GC_PR_BGD
+            mask[:, [0, -1]] = cv2.GC_PR_BGD
+        return mask
 
 
 def make_segmenter(name: str, **options) -> Segmenter:
