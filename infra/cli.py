@@ -107,6 +107,12 @@ def build_command(
     gpus_per_actor: Annotated[float, typer.Option(help="GPUs per model actor.")] = 0.0,
     batch_size: Annotated[int, typer.Option(help="Images per model call.")] = 8,
     seed: Annotated[int, typer.Option(help="Seed of the background draws.")] = 0,
+    trimap_high: Annotated[float, typer.Option(help="Subject probability at or above: foreground.")] = 0.5,
+    trimap_low: Annotated[float, typer.Option(help="Subject probability below: background.")] = 0.25,
+    trimap_band: Annotated[
+        float, typer.Option(help="Unknown band on each side of the edge, as a fraction of the box's long side.")
+    ] = 0.02,
+    working_long_side: Annotated[int, typer.Option(help="Long side at which the matte is solved.")] = 512,
 ) -> None:
     """Build the synthetic training pairs: caption, segment, trimap, matte, composite."""
     from pydantic import ValidationError
@@ -121,6 +127,8 @@ def build_command(
             caption_model=caption_model, clip_model=clip_model, num_captions=num_captions, segmenter=segmenter,
             segment_model=segment_model, device=device, actors=actors, gpus_per_actor=gpus_per_actor,
             model_batch_size=batch_size, seed=seed,
+            trimap={"high": trimap_high, "low": trimap_low, "band": trimap_band},
+            matting={"working_long_side": working_long_side},
         )
         columns = (TextColumn("build"), BarColumn(), MofNCompleteColumn(), ItemRateColumn(), TimeRemainingColumn())
         with Progress(*columns) as bar:

@@ -227,3 +227,31 @@ def test_model_backends_load_from_folders_like_real_weights(ray_cluster, dataset
     for pair in pairs:
         assert isinstance(pair["caption"], str) and pair["caption"] == pair["captions"][0]
         assert pair["caption"] != f"a photo of a {pair['label_name'].lower()}"
+
+
+def test_images_come_from_a_fetch_manifest_or_a_plain_folder(tmp_path):
+    from blipdiff.datasets.build import image_paths
+
+    ids = ["0123456789abcdef", "fedcba9876543210"]
+    assert image_paths(tmp_path, ids) == {i: tmp_path / f"{i}.jpg" for i in ids}
+    pq.write_table(pa.table({"image_id": [ids[0]], "path": ["images/01/0123456789abcdef.png"]}),
+                   tmp_path / "images.parquet")
+    assert image_paths(tmp_path, ids) == {ids[0]: tmp_path / "images/01/0123456789abcdef.png",
+                                          ids[1]: tmp_path / f"{ids[1]}.jpg"}
+
+
+def test_build_command_reports_bad_settings(tmp_path):
+    import subprocess
+    import sys
+
+    blipdiff = Path(sys.executable).parent / "blipdiff"
+    subjects = tmp_path / "s.parquet"
+    pq.write_table(pa.Table.from_pylist([subject_row("dog")]), subjects)
+    done = subprocess.run([str(blipdiff), "build", "--subjects", str(subjects), "--images", str(tmp_path),
+                           "--backgrounds", str(tmp_path / "none"), "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "backgrounds folder not found" in done.stderr
+    done = subprocess.run([str(blipdiff), "build", "--subjects", str(subjects), "--images", str(tmp_path),
+                           "--backgrounds", str(tmp_path), "--out", str(tmp_path / "o"), "--trimap-low", "0.9"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "low threshold 0.9 exceeds high threshold 0.5" in done.stderr
