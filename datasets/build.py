@@ -12,6 +12,7 @@ crash, skips it. ``pairs.parquet`` and ``rejects.parquet`` are rebuilt from the 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import time
@@ -304,7 +305,8 @@ def run_pipeline(config: BuildConfig, rows: list[dict], on_done: Callable[[dict]
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False)
+        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False,
+                 logging_level=logging.WARNING)
     config_json = config.model_dump_json()
     backgrounds = list_backgrounds(config.backgrounds)
 
@@ -317,14 +319,15 @@ def run_pipeline(config: BuildConfig, rows: list[dict], on_done: Callable[[dict]
             item = finish_subject(item, BuildConfig.model_validate_json(config_json), backgrounds)
         return {"payload": _pack(item)}
 
-    model_resources = {"num_cpus": config.cpus_per_actor, "num_gpus": config.gpus_per_actor or None}
+    model_resources = {"num_cpus": config.cpus_per_actor, "num_gpus": config.gpus_per_actor or None,
+                       "compute": ray.data.ActorPoolStrategy(size=config.actors)}
     dataset = (
         ray.data.from_items([{"payload": _pack(row)} for row in rows], override_num_blocks=max(1, min(len(rows), 64)))
         .map(decode)
         .map_batches(CaptionStage, fn_constructor_args=(config_json,), batch_size=config.model_batch_size,
-                     concurrency=config.actors, batch_format="numpy", **model_resources)
+                     batch_format="numpy", **model_resources)
         .map_batches(SegmentStage, fn_constructor_args=(config_json,), batch_size=config.model_batch_size,
-                     concurrency=config.actors, batch_format="numpy", **model_resources)
+                     batch_format="numpy", **model_resources)
         .map(finish)
     )
     for row in dataset.iter_rows():

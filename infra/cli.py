@@ -176,16 +176,29 @@ def matte_command(
 def demo_command(
     out: Annotated[Path, typer.Option(help="Folder for the demo's outputs.")] = Path("blipdiff-demo"),
 ) -> None:
-    """Run the pipeline on the bundled sample (no weights, no network)."""
+    """Run the data pipeline on the bundled sample with the weight-free backends (no weights, no network)."""
+    from blipdiff.datasets.build import BuildConfig, build_pairs
+    from blipdiff.datasets.fetch import FetchConfig, fetch_images
     from blipdiff.datasets.openimages import FilterConfig, run_filter
-    from blipdiff.datasets.samples import demo_annotations
-    from blipdiff.infra.report import print_funnel
+    from blipdiff.datasets.samples import demo_annotations, write_demo_photos
+    from blipdiff.infra.report import print_build_summary, print_fetch_summary, print_funnel
 
     boxes, classes = demo_annotations()
-    result = run_filter(FilterConfig(boxes=boxes, classes=classes, out=out))
-    print_funnel(result.funnel)
-    typer.echo(result.subjects[["image_id", "label_name", "area", "aspect"]].to_string(index=False))
-    typer.echo(f"\n{result.funnel.subjects} subjects -> {out.resolve() / 'subjects.parquet'}")
+    photos, backgrounds = out / "sample" / "photos", out / "sample" / "backgrounds"
+    photos.mkdir(parents=True, exist_ok=True)
+    backgrounds.mkdir(parents=True, exist_ok=True)
+    write_demo_photos(photos, backgrounds)
+
+    filtered = run_filter(FilterConfig(boxes=boxes, classes=classes, out=out / "subjects"))
+    print_funnel(filtered.funnel)
+    fetched = fetch_images(FetchConfig(subjects=out / "subjects" / "subjects.parquet", out=out / "images",
+                                       from_dir=photos, ray=False))
+    print_fetch_summary(fetched)
+    built = build_pairs(BuildConfig(subjects=out / "subjects" / "subjects.parquet", images=out / "images",
+                                    backgrounds=backgrounds, out=out))
+    print_build_summary(built)
+    typer.echo(f"\n{built.pairs} pairs -> {out.resolve() / 'pairs.parquet'}")
+    typer.echo(f"subjects -> {out.resolve() / 'subjects'}; images -> {out.resolve() / 'images'}")
 
 
 if __name__ == "__main__":

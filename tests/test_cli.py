@@ -83,8 +83,14 @@ def test_filter_errors_are_clear_and_leave_no_output(tmp_path):
 def test_demo_runs_the_bundled_sample(tmp_path):
     done = blipdiff("demo", "--out", str(tmp_path / "demo"))
     assert done.returncode == 0, done.stderr
-    subjects = read_subjects(tmp_path / "demo" / "subjects.parquet")
+    demo = tmp_path / "demo"
+    subjects = read_subjects(demo / "subjects" / "subjects.parquet")
     assert sorted(subjects["label_name"]) == ["Cat", "Coffee cup", "Horse"]
-    funnel = json.loads((tmp_path / "demo" / "funnel.json").read_text())
+    funnel = json.loads((demo / "subjects" / "funnel.json").read_text())
     for rule in ("group", "aspect", "area", "human", "cluttered"):
         assert funnel["removed"][rule] > 0, rule
+    pairs = pd.read_parquet(demo / "pairs.parquet")
+    assert sorted(pairs["label_name"]) == ["Cat", "Coffee cup", "Horse"]
+    for column in ("target_path", "composite_path", "input_path", "alpha_path", "trimap_path"):
+        assert all((demo / path).is_file() for path in pairs[column])
+    assert f"3 pairs -> {demo.resolve() / 'pairs.parquet'}" in done.stdout
