@@ -12,11 +12,8 @@ same subjects, prints a table and appends it to docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
 import platform
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -27,8 +24,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pa_csv
+from benchmark_record import ROOT, host, record
 
-ROOT = Path(__file__).resolve().parents[1]
 SHARED_CLASSES = ROOT.parent / "shared/data/openimages/class-descriptions-boxable.csv"
 V6_COLUMNS = [
     "ImageID", "Source", "LabelName", "Confidence", "XMin", "XMax", "YMin", "YMax", "IsOccluded",
@@ -173,19 +170,6 @@ def _measure(kind: str, boxes: Path, classes: Path, out: Path) -> dict:
     return {**json.loads(done.stdout.strip().splitlines()[-1]), "wall": wall}
 
 
-def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{cpu}, {os.cpu_count()} cores, {memory_gib:.0f} GiB, Python {platform.python_version()}"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=6_000_000)
@@ -240,18 +224,9 @@ def main() -> None:
     print(table)
     print(f"same subjects: {same}")
     if not args.no_record:
-        command = "python bench/filter.py " + shlex.join(sys.argv[1:])
-        entry = (
-            f"\n## Subject filter, {rows:,} rows{' (shuffled)' if args.shuffle else ' (sorted by ImageID)'}"
-            f" ({boxes.stat().st_size / 2**30:.2f} GiB)\n\n"
-            f"- date: {datetime.date.today().isoformat()}\n- machine: {_machine()}\n"
-            f"- command: `{command}`\n- same subjects: {same}\n\n{table}\n"
-        )
-        docs = ROOT / "docs" / "benchmarks.md"
-        if not docs.exists():
-            docs.write_text("# Benchmarks\n\nAppended by the scripts in `bench/`; newest last.\n")
-        with open(docs, "a", encoding="utf-8") as handle:
-            handle.write(entry)
+        order = "shuffled" if args.shuffle else "sorted by ImageID"
+        record(f"Subject filter, {rows:,} rows ({order}) ({boxes.stat().st_size / 2**30:.2f} GiB)",
+               f"{host()}, Python {platform.python_version()}", [f"- same subjects: {same}"], table)
     if wall_ratio > 0.6 or memory_ratio > 0.3:
         print("TARGET MISSED", file=sys.stderr)
         sys.exit(1)

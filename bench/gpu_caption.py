@@ -21,10 +21,6 @@ is printed and, unless ``--no-record``, appended to docs/benchmarks.md once ever
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import platform
-import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -33,15 +29,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from benchmark_record import ROOT, host, record
 from PIL import Image
 
 if TYPE_CHECKING:
     import torch
     from transformers import Blip2Config, GPT2Tokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
 DREAMBENCH = ROOT.parent / "shared" / "data" / "dreambench" / "dataset"
-DOCS = ROOT / "docs" / "benchmarks.md"
 OPT_VOCAB = 50272
 OPT_TOKENS = 50265  # facebook/opt-*: the tokenizer's size; "<image>" comes next, as in the hub checkpoints.
 
@@ -134,36 +129,15 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def machine(device: torch.device) -> str:
-    """The accelerator (or CPU), core count, memory and library versions."""
+    """The accelerator (or CPU), the host, and library versions."""
     import torch
     import transformers
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    host = f"{cpu}, {os.cpu_count()} cores, {memory_gib:.0f} GiB"
+    description = host()
     if device.type == "cuda":
         gpu = torch.cuda.get_device_properties(device)
-        host = f"{gpu.name} ({gpu.total_memory / 2**30:.0f} GiB), {host}"
-    return f"{host}, torch {torch.__version__}, transformers {transformers.__version__}"
-
-
-def record(title: str, device: torch.device, facts: Sequence[str], body: str) -> None:
-    """Append one section to docs/benchmarks.md (created with its header when missing): the date,
-    the machine, the exact command, ``facts`` (markdown list items), then ``body``."""
-    command = "python " + shlex.join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
-    lines = [f"\n## {title}\n", f"- date: {datetime.date.today().isoformat()}", f"- machine: {machine(device)}",
-             f"- command: `{command}`", *facts, "", body, ""]
-    if not DOCS.exists():
-        DOCS.write_text("# Benchmarks\n\nAppended by the scripts in `bench/`; newest last.\n")
-    with open(DOCS, "a", encoding="utf-8") as handle:
-        handle.write("\n".join(lines))
+        description = f"{gpu.name} ({gpu.total_memory / 2**30:.0f} GiB), {description}"
+    return f"{description}, torch {torch.__version__}, transformers {transformers.__version__}"
 
 
 def placeholder_vocab(size: int, first: dict[str, int]) -> dict[str, int]:
@@ -293,7 +267,7 @@ def main() -> None:
     if not args.no_record:
         name = "tiny BLIP-2" if args.tiny else "BLIP-2 OPT-6.7b"
         length = "natural length" if weights.startswith("real") else "always the full length (no end token)"
-        record(f"Captioning throughput, {name}, {mode}, {weights}", device, [
+        record(f"Captioning throughput, {name}, {mode}, {weights}", machine(device), [
             f"- setup: {dtype_name(dtype)} on {device}; up to {args.max_new_tokens} new tokens, {length}; "
             f"{args.warmup} warm-up and {args.batches} timed batches per batch size; "
             f"{len(images)} DreamBench photos at full resolution",

@@ -22,14 +22,15 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from benchmark_record import record
 from gpu_caption import (
     DREAMBENCH,
     dtype_name,
     load_photos,
+    machine,
     measure,
     placeholder_vocab,
     real_weights,
-    record,
     resolve,
     table,
 )
@@ -146,7 +147,7 @@ def main() -> None:
     print(f"first map: {first.shape} {first.dtype}, mean {first.mean():.3f} (photo {images[0].shape[:2]})")
     if not args.no_record:
         name = "tiny CLIPSeg" if args.tiny else "CLIPSeg rd64-refined"
-        record(f"Segmentation throughput, {name}, {weights}", device, [
+        record(f"Segmentation throughput, {name}, {weights}", machine(device), [
             f"- setup: {dtype_name(dtype)} on {device}; the class name as prompt; maps upsampled to each photo's "
             f"size; {args.warmup} warm-up and {args.batches} timed batches per batch size; "
             f"{len(images)} DreamBench photos at full resolution",

@@ -13,10 +13,6 @@
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import platform
-import shlex
 import sys
 import tempfile
 import time
@@ -25,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pymatting
+from benchmark_record import ROOT, host, record
 from PIL import Image
 
 from blipdiff.datasets.matting import (
@@ -36,22 +33,11 @@ from blipdiff.datasets.matting import (
 )
 from blipdiff.models.segmenters import GrabCutSegmenter
 
-ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "alphamatting"
 
 
 def load(path: Path, mode: str) -> np.ndarray:
     return np.asarray(Image.open(path).convert(mode))
-
-
-def machine() -> str:
-    cpu = platform.machine()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{cpu}, {os.cpu_count()} cores, {memory_gib:.0f} GiB, pymatting {pymatting.__version__}"
 
 
 def trimap_part(data: Path, names: list[str]) -> dict:
@@ -142,15 +128,8 @@ def main() -> None:
     print(table)
     met = sad_ratio <= 1.05 and time_ratio <= 0.5 and boxes["ours_sad"] <= 20
     if not args.no_record:
-        entry = (
-            f"\n## Matting, alphamatting.com training set (27 photos)\n\n"
-            f"- date: {datetime.date.today().isoformat()}\n- machine: {machine()}\n"
-            f"- command: `python bench/matting.py {shlex.join(sys.argv[1:])}`\n"
-            f"- targets met: {'yes' if met else 'no'}\n\n{table}\n"
-        )
-        docs = ROOT / "docs" / "benchmarks.md"
-        with open(docs, "a", encoding="utf-8") as handle:
-            handle.write(entry)
+        record("Matting, alphamatting.com training set (27 photos)", f"{host()}, pymatting {pymatting.__version__}",
+               [f"- targets met: {'yes' if met else 'no'}"], table)
     if not met:
         print("TARGET MISSED", file=sys.stderr)
         sys.exit(1)

@@ -69,10 +69,9 @@ def fetch_command(
 ) -> None:
     """Fetch the subjects' images into one verified, sharded folder; reruns resume."""
     from pydantic import ValidationError
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from blipdiff.datasets.fetch import FetchConfig, fetch_images
-    from blipdiff.infra.report import ItemRateColumn, print_fetch_summary
+    from blipdiff.infra.report import print_fetch_summary, run_with_progress
 
     try:
         config = FetchConfig(
@@ -80,10 +79,7 @@ def fetch_command(
             from_dir=from_dir, timeout=timeout, retries=retries, backoff=backoff, workers=workers, ray=ray,
             **({"url_template": url_template} if url_template is not None else {}),
         )
-        columns = (TextColumn("fetch"), BarColumn(), MofNCompleteColumn(), ItemRateColumn(), TimeRemainingColumn())
-        with Progress(*columns, transient=False) as bar:
-            task = bar.add_task("fetch", total=None)
-            summary = fetch_images(config, progress=lambda done, total: bar.update(task, completed=done, total=total))
+        summary = run_with_progress("fetch", lambda progress: fetch_images(config, progress=progress))
     except (ValueError, FileNotFoundError, ValidationError) as error:
         raise _fail(str(error)) from error
     print_fetch_summary(summary)
@@ -116,10 +112,9 @@ def build_command(
 ) -> None:
     """Build the synthetic training pairs: caption, segment, trimap, matte, composite."""
     from pydantic import ValidationError
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from blipdiff.datasets.build import BuildConfig, build_pairs
-    from blipdiff.infra.report import ItemRateColumn, print_build_summary
+    from blipdiff.infra.report import print_build_summary, run_with_progress
 
     try:
         config = BuildConfig(
@@ -130,10 +125,7 @@ def build_command(
             trimap={"high": trimap_high, "low": trimap_low, "band": trimap_band},
             matting={"working_long_side": working_long_side},
         )
-        columns = (TextColumn("build"), BarColumn(), MofNCompleteColumn(), ItemRateColumn(), TimeRemainingColumn())
-        with Progress(*columns) as bar:
-            task = bar.add_task("build", total=None)
-            summary = build_pairs(config, progress=lambda done, total: bar.update(task, completed=done, total=total))
+        summary = run_with_progress("build", lambda progress: build_pairs(config, progress=progress))
     except (ValueError, FileNotFoundError, ValidationError) as error:
         raise _fail(str(error)) from error
     print_build_summary(summary)

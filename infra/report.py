@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
 
 from rich.console import Console
-from rich.progress import ProgressColumn, Task
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 from rich.text import Text
 
@@ -32,6 +41,17 @@ class ItemRateColumn(ProgressColumn):
     def render(self, task: Task) -> Text:
         speed = task.finished_speed or task.speed
         return Text("-/s" if speed is None else f"{speed:,.1f}/s", style="progress.data.speed")
+
+
+Result = TypeVar("Result")
+
+
+def run_with_progress(label: str, work: Callable[[Callable[[int, int], None]], Result]) -> Result:
+    """Run ``work(progress)`` under a bar with count, rate and ETA; ``progress(done, total)`` moves it."""
+    columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), ItemRateColumn(), TimeRemainingColumn())
+    with Progress(*columns) as bar:
+        task = bar.add_task(label, total=None)
+        return work(lambda done, total: bar.update(task, completed=done, total=total))
 
 
 def print_fetch_summary(summary: FetchSummary, console: Console | None = None) -> None:
