@@ -133,6 +133,8 @@ def decode_subject(row: dict, config: BuildConfig) -> dict:
     height, width = pixels.shape[:2]
     box_width = (row["x_max"] - row["x_min"]) * width
     box_height = (row["y_max"] - row["y_min"]) * height
+    if box_width <= 0 or box_height <= 0:
+        return _reject(row, "decode", "the subject's box is empty")
     aspect = max(box_width / box_height, box_height / box_width)
     if aspect > config.max_aspect:
         return _reject(row, "decode", f"box aspect {aspect:.2f} in pixels exceeds {config.max_aspect:g}")
