@@ -168,29 +168,28 @@ def matte_command(
 def demo_command(
     out: Annotated[Path, typer.Option(help="Folder for the demo's outputs.")] = Path("blipdiff-demo"),
 ) -> None:
-    """Run the data pipeline on the bundled sample with the weight-free backends (no weights, no network)."""
-    from blipdiff.datasets.build import BuildConfig, build_pairs
-    from blipdiff.datasets.fetch import FetchConfig, fetch_images
-    from blipdiff.datasets.openimages import FilterConfig, run_filter
+    """Run the build_pairs flow on the bundled sample with the weight-free backends (no weights, no network)."""
+    from blipdiff.infra.prefect_home import use_project_prefect_home
+
+    home = use_project_prefect_home(out)
+
     from blipdiff.datasets.samples import demo_annotations, write_demo_photos
-    from blipdiff.infra.report import print_build_summary, print_fetch_summary, print_funnel
+    from blipdiff.flows.build_pairs import BuildPairsParameters, build_pairs_flow
 
     boxes, classes = demo_annotations()
     photos, backgrounds = out / "sample" / "photos", out / "sample" / "backgrounds"
     photos.mkdir(parents=True, exist_ok=True)
     backgrounds.mkdir(parents=True, exist_ok=True)
     write_demo_photos(photos, backgrounds)
-
-    filtered = run_filter(FilterConfig(boxes=boxes, classes=classes, out=out / "subjects"))
-    print_funnel(filtered.funnel)
-    fetched = fetch_images(FetchConfig(subjects=out / "subjects" / "subjects.parquet", out=out / "images",
-                                       from_dir=photos, ray=False))
-    print_fetch_summary(fetched)
-    built = build_pairs(BuildConfig(subjects=out / "subjects" / "subjects.parquet", images=out / "images",
-                                    backgrounds=backgrounds, out=out))
-    print_build_summary(built)
-    typer.echo(f"\n{built.pairs} pairs -> {out.resolve() / 'pairs.parquet'}")
-    typer.echo(f"subjects -> {out.resolve() / 'subjects'}; images -> {out.resolve() / 'images'}")
+    parameters = BuildPairsParameters(boxes=boxes, classes=classes, backgrounds=backgrounds, data=out,
+                                      from_dir=photos)
+    result = build_pairs_flow(parameters)
+    pairs = (out / "pairs" / "pairs.parquet").resolve()
+    typer.echo(f"\n{result['pairs']} pairs -> {pairs}")
+    typer.echo(f"subjects -> {(out / 'subjects').resolve()}; images -> {(out / 'images').resolve()}")
+    if home is not None:
+        typer.echo(f"Prefect runs are kept in {home}: PREFECT_HOME={home} prefect server start, then open "
+                   "http://127.0.0.1:4200")
 
 
 if __name__ == "__main__":

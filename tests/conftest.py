@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import csv
+import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from helpers import CLASSES, V6_HEADER, V13_HEADER
+
+# Prefect reads its home when first imported: keep the tests' state away from the user's ~/.prefect.
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="blipdiff-tests-prefect-")
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,8 +16,8 @@ from blipdiff.datasets.openimages import SUBJECT_COLUMNS, read_subjects
 BLIPDIFF = Path(sys.executable).parent / "blipdiff"
 
 
-def blipdiff(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BLIPDIFF), *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+def blipdiff(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BLIPDIFF), *args], capture_output=True, text=True, cwd=cwd, timeout=300, env=env)
 
 
 def test_help_lists_the_commands_without_importing_heavy_libraries():
@@ -81,7 +82,8 @@ def test_filter_errors_are_clear_and_leave_no_output(tmp_path):
 
 
 def test_demo_runs_the_bundled_sample(tmp_path):
-    done = blipdiff("demo", "--out", str(tmp_path / "demo"))
+    environment = {k: v for k, v in os.environ.items() if k not in ("PREFECT_HOME", "PREFECT_API_URL")}
+    done = blipdiff("demo", "--out", str(tmp_path / "demo"), env=environment)
     assert done.returncode == 0, done.stderr
     demo = tmp_path / "demo"
     subjects = read_subjects(demo / "subjects" / "subjects.parquet")
@@ -89,8 +91,9 @@ def test_demo_runs_the_bundled_sample(tmp_path):
     funnel = json.loads((demo / "subjects" / "funnel.json").read_text())
     for rule in ("group", "aspect", "area", "human", "cluttered"):
         assert funnel["removed"][rule] > 0, rule
-    pairs = pd.read_parquet(demo / "pairs.parquet")
+    pairs = pd.read_parquet(demo / "pairs" / "pairs.parquet")
     assert sorted(pairs["label_name"]) == ["Cat", "Coffee cup", "Horse"]
     for column in ("target_path", "composite_path", "input_path", "alpha_path", "trimap_path"):
-        assert all((demo / path).is_file() for path in pairs[column])
-    assert f"3 pairs -> {demo.resolve() / 'pairs.parquet'}" in done.stdout
+        assert all((demo / "pairs" / path).is_file() for path in pairs[column])
+    assert f"3 pairs -> {demo.resolve() / 'pairs' / 'pairs.parquet'}" in done.stdout
+    assert (demo / "prefect").is_dir(), "without PREFECT_API_URL the runs live in the demo's folder"
