@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -239,7 +238,6 @@ class FolderMatteReport(BaseModel):
 
     written: list[str] = []
     failed: dict[str, str] = {}
-    seconds: dict[str, float] = {}
 
 
 def read_box_csv(path: Path) -> dict[str, tuple[float, float, float, float]]:
@@ -283,7 +281,6 @@ def matte_folder(
     out.mkdir(parents=True, exist_ok=True)
     report = FolderMatteReport()
     for path in files:
-        started = time.perf_counter()
         try:
             pixels = decode_image(path)
             if trimaps is not None:
@@ -305,5 +302,4 @@ def matte_folder(
         with atomic_path(target) as temp:
             Image.fromarray(np.clip(np.rint(alpha * 255.0), 0, 255).astype(np.uint8), mode="L").save(temp, format="PNG")
         report.written.append(target.name)
-        report.seconds[path.name] = time.perf_counter() - started
     return report

@@ -164,6 +164,53 @@ def matte_command(
         raise typer.Exit(code=1)
 
 
+@app.command("serve")
+def serve_command(
+    data: Annotated[Path, typer.Option(help="Data folder; Prefect's state lives in DATA/prefect without PREFECT_API_URL.")]
+    = Path("blipdiff-data"),
+    parameters: Annotated[
+        Path | None, typer.Option(help="JSON file of build_pairs parameters: the deployment's defaults.")
+    ] = None,
+    cron: Annotated[str | None, typer.Option(help="Schedule of the build_pairs deployment (cron).")] = None,
+    name: Annotated[str, typer.Option(help="Deployment name.")] = "blipdiff",
+) -> None:
+    """Serve the deployments of the flows (build_pairs) so that the Prefect UI and schedules can run them."""
+    from pydantic import ValidationError
+
+    from blipdiff.infra.prefect_home import use_project_prefect_home
+
+    use_project_prefect_home(data)
+
+    from prefect import serve
+
+    from blipdiff.flows.build_pairs import BuildPairsParameters, build_pairs_flow
+
+    defaults = None
+    if parameters is not None:
+        try:
+            defaults = {"parameters": BuildPairsParameters.model_validate_json(parameters.read_text()).model_dump(mode="json")}
+        except (OSError, ValidationError) as error:
+            raise _fail(f"cannot use {parameters}: {error}") from error
+    serve(build_pairs_flow.to_deployment(name=name, parameters=defaults, cron=cron))
+
+
+@app.command("server")
+def server_command(
+    data: Annotated[Path, typer.Option(help="Data folder; Prefect's state lives in DATA/prefect without PREFECT_API_URL.")]
+    = Path("blipdiff-data"),
+    port: Annotated[int, typer.Option(help="Port of the Prefect UI and API on 127.0.0.1.")] = 4200,
+) -> None:
+    """Start the Prefect UI and API locally on 127.0.0.1."""
+    import os
+    import sys
+
+    from blipdiff.infra.prefect_home import use_project_prefect_home
+
+    use_project_prefect_home(data)
+    prefect = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    os.execv(sys.executable, prefect)
+
+
 @app.command("demo")
 def demo_command(
     out: Annotated[Path, typer.Option(help="Folder for the demo's outputs.")] = Path("blipdiff-demo"),

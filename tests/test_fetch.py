@@ -72,12 +72,12 @@ def test_faults_are_rejected_with_reasons_and_healthy_images_arrive_intact(tmp_p
         "short-content-length", "slow", "html", "html-as-jpeg", "not-an-image",
     ], strict=False))
     healthy = [i for i in ids if faults.get(i, "ok") in ("ok", "500-then-200", "drop-once")]
-    with ImageServer(photos, slow_seconds=1.5) as server:
+    with ImageServer(photos, slow_seconds=4.0) as server:
         server.faults.update(faults)
         out = tmp_path / "images"
         config = FetchConfig(
             subjects=write_subjects(tmp_path / "subjects.parquet", ids + INVALID_IDS), out=out,
-            url_template=server.url_template, timeout=0.4, retries=2, backoff=0.01, workers=4,
+            url_template=server.url_template, timeout=1.0, retries=2, backoff=0.01, workers=4,
         )
         summary = fetch_images(config)
         requests = dict(server.requests)
@@ -91,7 +91,7 @@ def test_faults_are_rejected_with_reasons_and_healthy_images_arrive_intact(tmp_p
         "drop-mid-body": ("download", by_fault["drop-mid-body"][1]),
         "long-content-length": ("download", by_fault["long-content-length"][1]),
         "short-content-length": ("decode", by_fault["short-content-length"][1]),
-        "slow": ("download", "timed out (ReadTimeout, 0.4 s) (3 tries)"),
+        "slow": ("download", "timed out (ReadTimeout, 1 s) (3 tries)"),
         "html": ("download", "HTML page instead of an image"),
         "html-as-jpeg": ("decode", "HTML page instead of an image"),
         "not-an-image": ("decode", "not an image Pillow can identify"),

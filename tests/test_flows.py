@@ -51,3 +51,48 @@ def test_build_pairs_flow_runs_filter_fetch_build_and_reports(prefect_server, ra
     again = build_pairs_flow(parameters)
     assert again == result
     assert pd.read_parquet(tmp_path / "data" / "pairs" / "pairs.parquet").equals(pairs)
+
+
+def test_a_served_deployment_runs_when_triggered_with_parameters(prefect_server, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL
+
+    photos, backgrounds = tmp_path / "photos", tmp_path / "backgrounds"
+    photos.mkdir()
+    backgrounds.mkdir()
+    write_demo_photos(photos, backgrounds)
+    boxes, classes = demo_annotations()
+    environment = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    blipdiff = Path(sys.executable).parent / "blipdiff"
+    server = subprocess.Popen([str(blipdiff), "serve", "--data", str(tmp_path / "data"), "--name", "test"],
+                              env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        with get_client(sync_client=True) as client:
+            while True:
+                try:
+                    client.read_deployment_by_name("build_pairs/test")
+                    break
+                except Exception:
+                    assert time.monotonic() < deadline, "the deployment never appeared"
+                    assert server.poll() is None, server.stderr.read().decode()
+                    time.sleep(1)
+        parameters = BuildPairsParameters(boxes=boxes, classes=classes, backgrounds=backgrounds,
+                                          data=tmp_path / "triggered", from_dir=photos)
+        run = run_deployment("build_pairs/test", parameters={"parameters": parameters.model_dump(mode="json")},
+                             timeout=600)
+        assert run.state.is_completed(), run.state
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+    pairs = pd.read_parquet(tmp_path / "triggered" / "pairs" / "pairs.parquet")
+    assert sorted(pairs["label_name"]) == ["Cat", "Coffee cup", "Horse"]
