@@ -41,7 +41,7 @@ from blipdiff.datasets.matting import (
     pull_matte,
 )
 from blipdiff.datasets.openimages import read_subjects
-from blipdiff.infra.atomic import atomic_path, write_json_atomic
+from blipdiff.infra.atomic import TEMP_PREFIX, atomic_path, write_json_atomic
 from blipdiff.infra.journal import Journal
 
 STAGES = ("decode", "caption", "segment", "trimap", "matte", "composite")
@@ -342,6 +342,9 @@ def build_pairs(config: BuildConfig, progress: Callable[[int, int], None] | None
     list_backgrounds(config.backgrounds)
     config.out.mkdir(parents=True, exist_ok=True)
     _settings_guard(config)
+    for kind in IMAGE_KINDS:
+        for leftover in (config.out / kind).glob(f"*/{TEMP_PREFIX}*"):
+            leftover.unlink(missing_ok=True)  # a killed run's half-written file
     journal = Journal(config.out / JOURNAL)
     finished = {entry["image_id"]: entry for entry in journal.load() if "image_id" in entry}
     wanted = subjects[~subjects["image_id"].duplicated()]

@@ -96,3 +96,59 @@ def test_a_served_deployment_runs_when_triggered_with_parameters(prefect_server,
         server.wait(timeout=60)
     pairs = pd.read_parquet(tmp_path / "triggered" / "pairs" / "pairs.parquet")
     assert sorted(pairs["label_name"]) == ["Cat", "Coffee cup", "Horse"]
+
+
+def test_a_run_killed_mid_build_resumes_to_the_pairs_of_an_uninterrupted_run(prefect_server, tmp_path):
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from prefect.settings import PREFECT_API_URL
+
+    photos, backgrounds = tmp_path / "photos", tmp_path / "backgrounds"
+    photos.mkdir()
+    backgrounds.mkdir()
+    write_demo_photos(photos, backgrounds)
+    boxes, classes = demo_annotations()
+    environment = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    script = ("import sys; from blipdiff.flows.build_pairs import BuildPairsParameters, build_pairs_flow; "
+              "build_pairs_flow(BuildPairsParameters.model_validate_json(sys.argv[1]))")
+
+    def start(data):
+        parameters = BuildPairsParameters(boxes=boxes, classes=classes, backgrounds=backgrounds, data=data,
+                                          from_dir=photos, shard_size=1)
+        # A session of its own, so that the kill takes the flow and its local Ray together.
+        return subprocess.Popen([sys.executable, "-c", script, parameters.model_dump_json()], env=environment,
+                                start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    reference = start(tmp_path / "reference")
+    assert reference.wait(timeout=600) == 0, reference.stderr.read().decode()[-3000:]
+
+    data = tmp_path / "killed"
+    run = start(data)
+    journal = data / "pairs" / "journal.jsonl"
+    deadline = time.monotonic() + 600
+    while not (journal.exists() and journal.read_text().count("\n") >= 1):
+        assert run.poll() is None, run.stderr.read().decode()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.killpg(run.pid, signal.SIGKILL)
+    run.wait(timeout=60)
+    finished = [json.loads(line)["image_id"] for line in journal.read_text().splitlines() if line.endswith("}")]
+    assert 1 <= len(finished) < 3, "the kill should land in the middle of the build"
+
+    again = start(data)
+    assert again.wait(timeout=600) == 0, again.stderr.read().decode()[-3000:]
+    ids = [json.loads(line)["image_id"] for line in journal.read_text().splitlines()]
+    assert all(ids.count(image_id) == 1 for image_id in finished), "a finished pair was built again"
+    ours = pd.read_parquet(data / "pairs" / "pairs.parquet")
+    expected = pd.read_parquet(tmp_path / "reference" / "pairs" / "pairs.parquet")
+    timings = [c for c in expected.columns if c.endswith("_seconds")]
+    pd.testing.assert_frame_equal(ours.drop(columns=timings), expected.drop(columns=timings))
+    for column in ("target_path", "composite_path", "input_path", "alpha_path", "trimap_path"):
+        for path in expected[column]:
+            assert (data / "pairs" / path).read_bytes() == (tmp_path / "reference" / "pairs" / path).read_bytes()
+    assert not list(data.rglob(".tmp-*")) and not list((data / "images").rglob(".partial"))

@@ -1,0 +1,94 @@
+"""Screenshots of the Prefect UI with blipdiff's deployments and a completed build_pairs run.
+
+    python infra/screenshot_prefect_ui.py [--data /tmp/blipdiff-ui] [--port 4311]
+
+Starts `blipdiff server` on 127.0.0.1, serves the deployments with `blipdiff serve`, runs the demo
+against that server, then has headless Chromium (Debian's `chromium`) capture the deployments page
+and the completed run into docs/img/. Everything it starts, it stops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BLIPDIFF = Path(sys.executable).parent / "blipdiff"
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--hide-scrollbars",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync", "--window-size=1440,900",
+    "--virtual-time-budget=20000",
+]
+
+
+def wait_for(url: str, seconds: float) -> bytes:
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                return response.read()
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{url} did not answer in {seconds:.0f} s") from None
+            time.sleep(1)
+
+
+def post(url: str, body: dict) -> list:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def screenshot(chromium: str, url: str, target: Path) -> None:
+    with tempfile.TemporaryDirectory() as profile:
+        subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--screenshot={target}", url],
+                       check=True, capture_output=True, timeout=120)
+    print(f"{url} -> {target}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "blipdiff-ui")
+    parser.add_argument("--port", type=int, default=4311)
+    args = parser.parse_args()
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        sys.exit("Chromium not found: apt-get install chromium")
+    api = f"http://127.0.0.1:{args.port}/api"
+    environment = {**os.environ, "PREFECT_API_URL": api, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    environment.pop("PREFECT_HOME", None)
+    started = []
+    try:
+        server_env = {k: v for k, v in environment.items() if k != "PREFECT_API_URL"}
+        started.append(subprocess.Popen([str(BLIPDIFF), "server", "--data", str(args.data), "--port", str(args.port)],
+                                        env=server_env, start_new_session=True, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL))
+        wait_for(f"{api}/health", 180)
+        started.append(subprocess.Popen([str(BLIPDIFF), "serve", "--data", str(args.data), "--cron", "0 2 * * *"],
+                                        env=environment, start_new_session=True, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL))
+        subprocess.run([str(BLIPDIFF), "demo", "--out", str(args.data / "demo")], env=environment, check=True,
+                       capture_output=True, timeout=900)
+        runs = post(f"{api}/flow_runs/filter", {"sort": "START_TIME_DESC", "limit": 1})
+        images = ROOT / "docs" / "img"
+        images.mkdir(parents=True, exist_ok=True)
+        base = f"http://127.0.0.1:{args.port}"
+        screenshot(chromium, f"{base}/deployments", images / "prefect-deployments.png")
+        screenshot(chromium, f"{base}/runs/flow-run/{runs[0]['id']}", images / "prefect-build-pairs-run.png")
+    finally:
+        for process in reversed(started):
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=60)
+
+
+if __name__ == "__main__":
+    main()
