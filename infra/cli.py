@@ -207,6 +207,8 @@ def server_command(
     from blipdiff.infra.prefect_home import use_project_prefect_home
 
     use_project_prefect_home(data)
+    # The UI calls the API at this address; Prefect's default assumes port 4200.
+    os.environ.setdefault("PREFECT_UI_API_URL", f"http://127.0.0.1:{port}/api")
     prefect = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
     os.execv(sys.executable, prefect)
 

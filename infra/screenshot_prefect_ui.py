@@ -64,21 +64,29 @@ def main() -> None:
     if chromium is None:
         sys.exit("Chromium not found: apt-get install chromium")
     api = f"http://127.0.0.1:{args.port}/api"
-    environment = {**os.environ, "PREFECT_API_URL": api, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    environment.pop("PREFECT_HOME", None)
+    environment = {**os.environ, "PREFECT_API_URL": api, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                   "PREFECT_HOME": str(args.data / "prefect")}
     started = []
     try:
         server_env = {k: v for k, v in environment.items() if k != "PREFECT_API_URL"}
+        server_env["PREFECT_UI_API_URL"] = api
+        args.data.mkdir(parents=True, exist_ok=True)
+        server_log = open(args.data / "server.log", "w")
         started.append(subprocess.Popen([str(BLIPDIFF), "server", "--data", str(args.data), "--port", str(args.port)],
-                                        env=server_env, start_new_session=True, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL))
+                                        env=server_env, start_new_session=True, stdout=server_log,
+                                        stderr=subprocess.STDOUT))
         wait_for(f"{api}/health", 180)
         started.append(subprocess.Popen([str(BLIPDIFF), "serve", "--data", str(args.data), "--cron", "0 2 * * *"],
                                         env=environment, start_new_session=True, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.DEVNULL))
-        subprocess.run([str(BLIPDIFF), "demo", "--out", str(args.data / "demo")], env=environment, check=True,
-                       capture_output=True, timeout=900)
-        runs = post(f"{api}/flow_runs/filter", {"sort": "START_TIME_DESC", "limit": 1})
+        demo = subprocess.run([str(BLIPDIFF), "demo", "--out", str(args.data / "demo")], env=environment,
+                              capture_output=True, text=True, timeout=900)
+        if demo.returncode != 0:
+            sys.exit(f"the demo failed:\n{demo.stderr[-3000:]}")
+        runs = post(f"{api}/flow_runs/filter", {"flow_runs": {"state": {"type": {"any_": ["COMPLETED"]}}},
+                                                 "sort": "END_TIME_DESC", "limit": 1})
+        if not runs:
+            sys.exit("no completed flow run to show")
         images = ROOT / "docs" / "img"
         images.mkdir(parents=True, exist_ok=True)
         base = f"http://127.0.0.1:{args.port}"
