@@ -48,9 +48,19 @@ def test_build_pairs_flow_runs_filter_fetch_build_and_reports(prefect_server, ra
     progress = Artifact.get("build-progress")
     assert progress is not None and float(progress.data) == 100.0
 
+    # The rerun finds everything in place; from then on the filter and fetch results come from the cache.
     again = build_pairs_flow(parameters)
-    assert again == result
+    assert again == {**result, "fetched": 0}
     assert pd.read_parquet(tmp_path / "data" / "pairs" / "pairs.parquet").equals(pairs)
+    third = build_pairs_flow(parameters)
+    assert third == again
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterState, TaskRunFilterStateName
+
+    with get_client(sync_client=True) as client:
+        cached = client.read_task_runs(task_run_filter=TaskRunFilter(
+            state=TaskRunFilterState(name=TaskRunFilterStateName(any_=["Cached"]))))
+    assert {run.name.rsplit("-", 1)[0] for run in cached} >= {"filter", "fetch"}
 
 
 def test_a_served_deployment_runs_when_triggered_with_parameters(prefect_server, tmp_path):
