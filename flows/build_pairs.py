@@ -32,7 +32,7 @@ class BuildPairsParameters(BaseModel):
     boxes: Path = Field(description="Open Images box annotations (.csv, .csv.gz or .parquet)")
     classes: Path = Field(description="class descriptions, `MID,Name` without a header")
     backgrounds: Path = Field(description="folder of background photos")
-    data: Path = Field(description="data folder: subjects/, images/ and the pairs land here")
+    data: Path = Field(description="data folder: subjects/, images/, pairs.parquet and the pairs' images")
     rules: Path | None = Field(default=None, description="rules TOML; the paper's when absent")
     from_dir: Path | None = Field(default=None, description="take the images from this folder")
     url_template: str = Field(default=DEFAULT_URL_TEMPLATE, description="else download them from here")
@@ -50,7 +50,7 @@ class BuildPairsParameters(BaseModel):
 
     def build_config(self, subjects: Path) -> BuildConfig:
         return BuildConfig(subjects=subjects, images=self.data / "images", backgrounds=self.backgrounds,
-                           out=self.data / "pairs", captioner=self.captioner, segmenter=self.segmenter,
+                           out=self.data, captioner=self.captioner, segmenter=self.segmenter,
                            seed=self.seed)
 
 
@@ -80,7 +80,7 @@ def build_pairs_flow(parameters: BuildPairsParameters) -> dict:
     )
     fetched = fetch_task(parameters.fetch_config())
 
-    shards = write_shards(parameters.data / "subjects" / "subjects.parquet", parameters.data / "pairs" / "shards",
+    shards = write_shards(parameters.data / "subjects" / "subjects.parquet", parameters.data / "shards",
                           parameters.shard_size)
     progress = create_progress_artifact(progress=0.0, key="build-progress", description="shards built")
     for done, shard in enumerate(shards, start=1):
@@ -98,7 +98,7 @@ def build_pairs_flow(parameters: BuildPairsParameters) -> dict:
             f"# build_pairs\n\n- subjects: {funnel.subjects:,} of {funnel.images_read:,} images\n"
             f"- images fetched: {fetched.fetched:,} (already present: {fetched.skipped:,})\n"
             f"- pairs: {summary.pairs:,}\n- mean seconds per pair: {stages}\n"
-            f"- pairs manifest: `{parameters.data / 'pairs' / 'pairs.parquet'}`\n\n"
+            f"- pairs manifest: `{parameters.data / 'pairs.parquet'}`\n\n"
             f"| reject | subjects |\n| --- | ---: |\n{rejects}\n"
         ),
     )

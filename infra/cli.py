@@ -233,7 +233,7 @@ def demo_command(
     parameters = BuildPairsParameters(boxes=boxes, classes=classes, backgrounds=backgrounds, data=out,
                                       from_dir=photos)
     result = build_pairs_flow(parameters)
-    pairs = (out / "pairs" / "pairs.parquet").resolve()
+    pairs = (out / "pairs.parquet").resolve()
     typer.echo(f"\n{result['pairs']} pairs -> {pairs}")
     typer.echo(f"subjects -> {(out / 'subjects').resolve()}; images -> {(out / 'images').resolve()}")
     if home is not None:

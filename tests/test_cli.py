@@ -91,9 +91,9 @@ def test_demo_runs_the_bundled_sample(tmp_path):
     funnel = json.loads((demo / "subjects" / "funnel.json").read_text())
     for rule in ("group", "aspect", "area", "human", "cluttered"):
         assert funnel["removed"][rule] > 0, rule
-    pairs = pd.read_parquet(demo / "pairs" / "pairs.parquet")
+    pairs = pd.read_parquet(demo / "pairs.parquet")
     assert sorted(pairs["label_name"]) == ["Cat", "Coffee cup", "Horse"]
     for column in ("target_path", "composite_path", "input_path", "alpha_path", "trimap_path"):
-        assert all((demo / "pairs" / path).is_file() for path in pairs[column])
-    assert f"3 pairs -> {demo.resolve() / 'pairs' / 'pairs.parquet'}" in done.stdout
+        assert all((demo / path).is_file() for path in pairs[column])
+    assert f"3 pairs -> {demo.resolve() / 'pairs.parquet'}" in done.stdout
     assert (demo / "prefect").is_dir(), "without PREFECT_API_URL the runs live in the demo's folder"

@@ -37,9 +37,9 @@ def test_build_pairs_flow_runs_filter_fetch_build_and_reports(prefect_server, ra
                                       from_dir=photos, shard_size=2)
     result = build_pairs_flow(parameters)
     assert result == {"subjects": 3, "fetched": 3, "pairs": 3, "rejects": 0}
-    pairs = pd.read_parquet(tmp_path / "data" / "pairs" / "pairs.parquet")
+    pairs = pd.read_parquet(tmp_path / "data" / "pairs.parquet")
     assert sorted(pairs["label_name"]) == ["Cat", "Coffee cup", "Horse"]
-    assert len(list((tmp_path / "data" / "pairs" / "shards").iterdir())) == 2
+    assert len(list((tmp_path / "data" / "shards").iterdir())) == 2
 
     funnel = Artifact.get("filter-funnel")
     assert funnel is not None and "group" in str(funnel.data)
@@ -51,7 +51,7 @@ def test_build_pairs_flow_runs_filter_fetch_build_and_reports(prefect_server, ra
     # The rerun finds everything in place; from then on the filter and fetch results come from the cache.
     again = build_pairs_flow(parameters)
     assert again == {**result, "fetched": 0}
-    assert pd.read_parquet(tmp_path / "data" / "pairs" / "pairs.parquet").equals(pairs)
+    assert pd.read_parquet(tmp_path / "data" / "pairs.parquet").equals(pairs)
     third = build_pairs_flow(parameters)
     assert third == again
     from prefect.client.orchestration import get_client
@@ -104,7 +104,7 @@ def test_a_served_deployment_runs_when_triggered_with_parameters(prefect_server,
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=60)
-    pairs = pd.read_parquet(tmp_path / "triggered" / "pairs" / "pairs.parquet")
+    pairs = pd.read_parquet(tmp_path / "triggered" / "pairs.parquet")
     assert sorted(pairs["label_name"]) == ["Cat", "Coffee cup", "Horse"]
 
 
@@ -139,7 +139,7 @@ def test_a_run_killed_mid_build_resumes_to_the_pairs_of_an_uninterrupted_run(pre
 
     data = tmp_path / "killed"
     run = start(data)
-    journal = data / "pairs" / "journal.jsonl"
+    journal = data / "journal.jsonl"
     deadline = time.monotonic() + 600
     while not (journal.exists() and journal.read_text().count("\n") >= 1):
         assert run.poll() is None, run.stderr.read().decode()[-3000:]
@@ -154,11 +154,11 @@ def test_a_run_killed_mid_build_resumes_to_the_pairs_of_an_uninterrupted_run(pre
     assert again.wait(timeout=600) == 0, again.stderr.read().decode()[-3000:]
     ids = [json.loads(line)["image_id"] for line in journal.read_text().splitlines()]
     assert all(ids.count(image_id) == 1 for image_id in finished), "a finished pair was built again"
-    ours = pd.read_parquet(data / "pairs" / "pairs.parquet")
-    expected = pd.read_parquet(tmp_path / "reference" / "pairs" / "pairs.parquet")
+    ours = pd.read_parquet(data / "pairs.parquet")
+    expected = pd.read_parquet(tmp_path / "reference" / "pairs.parquet")
     timings = [c for c in expected.columns if c.endswith("_seconds")]
     pd.testing.assert_frame_equal(ours.drop(columns=timings), expected.drop(columns=timings))
     for column in ("target_path", "composite_path", "input_path", "alpha_path", "trimap_path"):
         for path in expected[column]:
-            assert (data / "pairs" / path).read_bytes() == (tmp_path / "reference" / "pairs" / path).read_bytes()
+            assert (data / path).read_bytes() == (tmp_path / "reference" / path).read_bytes()
     assert not list(data.rglob(".tmp-*")) and not list((data / "images").rglob(".partial"))
