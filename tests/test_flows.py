@@ -17,6 +17,16 @@ def prefect_server():
         yield
 
 
+@pytest.fixture
+def demo_inputs(tmp_path):
+    """The bundled sample: photos, backgrounds, box annotations and class descriptions."""
+    photos, backgrounds = tmp_path / "photos", tmp_path / "backgrounds"
+    photos.mkdir()
+    backgrounds.mkdir()
+    write_demo_photos(photos, backgrounds)
+    return (photos, backgrounds, *demo_annotations())
+
+
 @pytest.fixture(scope="module")
 def ray_cluster():
     ray = pytest.importorskip("ray")
@@ -25,14 +35,10 @@ def ray_cluster():
     ray.shutdown()
 
 
-def test_build_pairs_flow_runs_filter_fetch_build_and_reports(prefect_server, ray_cluster, tmp_path):
+def test_build_pairs_flow_runs_filter_fetch_build_and_reports(prefect_server, ray_cluster, demo_inputs, tmp_path):
     from prefect.artifacts import Artifact
 
-    photos, backgrounds = tmp_path / "photos", tmp_path / "backgrounds"
-    photos.mkdir()
-    backgrounds.mkdir()
-    write_demo_photos(photos, backgrounds)
-    boxes, classes = demo_annotations()
+    photos, backgrounds, boxes, classes = demo_inputs
     parameters = BuildPairsParameters(boxes=boxes, classes=classes, backgrounds=backgrounds, data=tmp_path / "data",
                                       from_dir=photos, shard_size=2)
     result = build_pairs_flow(parameters)
@@ -63,7 +69,7 @@ def test_build_pairs_flow_runs_filter_fetch_build_and_reports(prefect_server, ra
     assert {run.name.rsplit("-", 1)[0] for run in cached} >= {"filter", "fetch"}
 
 
-def test_a_served_deployment_runs_when_triggered_with_parameters(prefect_server, tmp_path):
+def test_a_served_deployment_runs_when_triggered_with_parameters(prefect_server, demo_inputs, tmp_path):
     import os
     import signal
     import subprocess
@@ -75,11 +81,7 @@ def test_a_served_deployment_runs_when_triggered_with_parameters(prefect_server,
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL
 
-    photos, backgrounds = tmp_path / "photos", tmp_path / "backgrounds"
-    photos.mkdir()
-    backgrounds.mkdir()
-    write_demo_photos(photos, backgrounds)
-    boxes, classes = demo_annotations()
+    photos, backgrounds, boxes, classes = demo_inputs
     environment = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
     blipdiff = Path(sys.executable).parent / "blipdiff"
     server = subprocess.Popen([str(blipdiff), "serve", "--data", str(tmp_path / "data"), "--name", "test"],
@@ -108,7 +110,7 @@ def test_a_served_deployment_runs_when_triggered_with_parameters(prefect_server,
     assert sorted(pairs["label_name"]) == ["Cat", "Coffee cup", "Horse"]
 
 
-def test_a_run_killed_mid_build_resumes_to_the_pairs_of_an_uninterrupted_run(prefect_server, tmp_path):
+def test_a_run_killed_mid_build_resumes_to_the_pairs_of_an_uninterrupted_run(prefect_server, demo_inputs, tmp_path):
     import json
     import os
     import signal
@@ -118,11 +120,7 @@ def test_a_run_killed_mid_build_resumes_to_the_pairs_of_an_uninterrupted_run(pre
 
     from prefect.settings import PREFECT_API_URL
 
-    photos, backgrounds = tmp_path / "photos", tmp_path / "backgrounds"
-    photos.mkdir()
-    backgrounds.mkdir()
-    write_demo_photos(photos, backgrounds)
-    boxes, classes = demo_annotations()
+    photos, backgrounds, boxes, classes = demo_inputs
     environment = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
     script = ("import sys; from blipdiff.flows.build_pairs import BuildPairsParameters, build_pairs_flow; "
               "build_pairs_flow(BuildPairsParameters.model_validate_json(sys.argv[1]))")
