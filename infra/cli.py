@@ -237,8 +237,7 @@ def demo_command(
     typer.echo(f"\n{result['pairs']} pairs -> {pairs}")
     typer.echo(f"subjects -> {(out / 'subjects').resolve()}; images -> {(out / 'images').resolve()}")
     if home is not None:
-        typer.echo(f"Prefect runs are kept in {home}: PREFECT_HOME={home} prefect server start, then open "
-                   "http://127.0.0.1:4200")
+        typer.echo(f"Prefect runs are kept in {home}: `blipdiff server --data {out}`, then open http://127.0.0.1:4200")
 
 
 if __name__ == "__main__":
