@@ -313,12 +313,12 @@ def run_pipeline(config: BuildConfig, rows: list[dict], on_done: Callable[[dict]
     backgrounds = list_backgrounds(config.backgrounds)
 
     def decode(row: dict) -> dict:
-        return {"payload": _pack(decode_subject(pickle.loads(row["payload"]), BuildConfig.model_validate_json(config_json)))}
+        return {"payload": _pack(decode_subject(pickle.loads(row["payload"]), config))}
 
     def finish(row: dict) -> dict:
         item = pickle.loads(row["payload"])
         if "reject_stage" not in item:
-            item = finish_subject(item, BuildConfig.model_validate_json(config_json), backgrounds)
+            item = finish_subject(item, config, backgrounds)
         return {"payload": _pack(item)}
 
     model_resources = {"num_cpus": config.cpus_per_actor, "num_gpus": config.gpus_per_actor or None,
