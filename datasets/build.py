@@ -70,6 +70,9 @@ class BuildConfig(BaseModel):
     images: Path = Field(description="a fetch output folder (images.parquet) or a folder of {image_id}.jpg")
     backgrounds: Path = Field(description="folder of background photos")
     out: Path = Field(description="output folder: pairs.parquet, rejects.parquet and the image files")
+    manifests: Path | None = Field(
+        default=None, description="folder for pairs.parquet and rejects.parquet when not OUT (a shard's own)"
+    )
     captioner: Literal["template", "blip2"] = "template"
     caption_model: str = Field(default="Salesforce/blip2-opt-6.7b", description="BLIP-2 hub id or folder")
     clip_model: str | None = Field(default=None, description="CLIP hub id or folder to rank sampled captions")
@@ -93,8 +96,12 @@ class BuildConfig(BaseModel):
 
     def fingerprint(self) -> dict:
         """The settings that decide the outputs: a folder never mixes two of them."""
-        return self.model_dump(mode="json", exclude={"subjects", "images", "out", "actors", "device",
+        return self.model_dump(mode="json", exclude={"subjects", "images", "out", "manifests", "actors", "device",
                                                       "model_batch_size", "gpus_per_actor", "cpus_per_actor"})
+
+    @property
+    def manifest_folder(self) -> Path:
+        return self.manifests if self.manifests is not None else self.out
 
 
 @dataclass
@@ -367,7 +374,8 @@ def build_pairs(config: BuildConfig, progress: Callable[[int, int], None] | None
 
     if rows:
         run_pipeline(config, rows, on_done)
-    return _write_outputs(config.out, [finished[i] for i in sorted(set(wanted["image_id"]) & set(finished))], skipped)
+    entries = [finished[i] for i in sorted(set(wanted["image_id"]) & set(finished))]
+    return _write_outputs(config.manifest_folder, entries, skipped)
 
 
 def _files_present(out: Path, entry: dict) -> bool:
@@ -376,13 +384,13 @@ def _files_present(out: Path, entry: dict) -> bool:
     return all((out / entry[f"{kind}_path"]).is_file() for kind in IMAGE_KINDS)
 
 
-def _write_outputs(out: Path, entries: list[dict], skipped: int) -> BuildSummary:
+def _write_outputs(folder: Path, entries: list[dict], skipped: int) -> BuildSummary:
     pairs = [e for e in entries if "reject_stage" not in e]
     rejects = [{"image_id": e["image_id"], "stage": e["reject_stage"], "reason": e["reject_reason"]}
                for e in entries if "reject_stage" in e]
     for name, rows, schema in (("pairs.parquet", pairs, PAIRS_SCHEMA), ("rejects.parquet", rejects, REJECTS_SCHEMA)):
         table = pa.Table.from_pylist([{f.name: row[f.name] for f in schema} for row in rows], schema=schema)
-        with atomic_path(out / name) as temp:
+        with atomic_path(folder / name) as temp:
             pq.write_table(table, temp)
     seconds = {stage: float(np.mean([p[f"{stage}_seconds"] for p in pairs])) if pairs else 0.0 for stage in STAGES}
     return BuildSummary(

@@ -9,6 +9,8 @@ markdown summary.
 
 from __future__ import annotations
 
+import io
+import shutil
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -48,22 +50,34 @@ class BuildPairsParameters(BaseModel):
         return FetchConfig(subjects=self.data / "subjects" / "subjects.parquet", out=self.data / "images",
                            from_dir=self.from_dir, url_template=self.url_template)
 
-    def build_config(self, subjects: Path) -> BuildConfig:
+    def build_config(self, subjects: Path, manifests: Path | None = None) -> BuildConfig:
         return BuildConfig(subjects=subjects, images=self.data / "images", backgrounds=self.backgrounds,
-                           out=self.data, captioner=self.captioner, segmenter=self.segmenter,
-                           seed=self.seed)
+                           out=self.data, manifests=manifests, captioner=self.captioner,
+                           segmenter=self.segmenter, seed=self.seed)
 
 
 def write_shards(subjects: Path, folder: Path, shard_size: int) -> list[Path]:
-    """Split the subjects, in image-id order, into shard files (rewritten atomically each run)."""
+    """Split the subjects, in image-id order, into ``folder/NNNNN/subjects.parquet``.
+
+    A shard file is rewritten only when its contents change, so an unchanged shard keeps its mtime
+    and its build task's cache; shard folders beyond the current count (a larger shard size before)
+    are removed.
+    """
     table = pq.read_table(subjects).sort_by("image_id")
     folder.mkdir(parents=True, exist_ok=True)
     shards = []
     for index, start in enumerate(range(0, table.num_rows, shard_size)):
-        path = folder / f"subjects-{index:05d}.parquet"
-        with atomic_path(path) as temp:
-            pq.write_table(table.slice(start, shard_size), temp)
+        path = folder / f"{index:05d}" / "subjects.parquet"
+        buffer = io.BytesIO()
+        pq.write_table(table.slice(start, shard_size), buffer)
+        if not path.is_file() or path.read_bytes() != buffer.getvalue():
+            with atomic_path(path) as temp:
+                temp.write_bytes(buffer.getvalue())
         shards.append(path)
+    current = {shard.parent.name for shard in shards}
+    for stale in folder.iterdir():
+        if stale.is_dir() and stale.name not in current:
+            shutil.rmtree(stale)
     return shards
 
 
@@ -84,7 +98,7 @@ def build_pairs_flow(parameters: BuildPairsParameters) -> dict:
                           parameters.shard_size)
     progress = create_progress_artifact(progress=0.0, key="build-progress", description="shards built")
     for done, shard in enumerate(shards, start=1):
-        build_task(parameters.build_config(shard))
+        build_task(parameters.build_config(shard, manifests=shard.parent))
         update_progress_artifact(progress, progress=100.0 * done / len(shards))
         logger.info("shard %d of %d built", done, len(shards))
     # Every shard is in the journal now: this writes the manifests of all of them, computing nothing.

@@ -19,42 +19,55 @@ from blipdiff.datasets.openimages import FilterConfig, Funnel, run_filter
 
 @dataclass
 class OutputsIntact(CachePolicy):
-    """Inputs and task source, plus the bytes of the stage's manifests; no caching while they are missing.
+    """Inputs and task source, the input files' size and mtime, and the bytes of the stage's manifests;
+    no caching while a manifest is missing.
 
     The stage writes the same bytes for the same inputs, so from the second run on a result is reused
-    exactly while its outputs stand as that run left them: deleted or rewritten outputs mean a new
-    key (or none), and the stage runs again.
+    exactly while its inputs are unchanged and its outputs stand as that run left them: an edited
+    input file, or deleted or rewritten outputs, mean a new key (or none), and the stage runs again.
     """
 
     manifests: tuple[str, ...] = ()
+    input_files: tuple[str, ...] = ()
+    folder: str = "out"
 
     def compute_key(self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any):
-        out = Path(inputs["config"].out)
+        config = inputs["config"]
+        folder = Path(getattr(config, self.folder))
         digests = []
         for name in self.manifests:
-            path = out / name
+            path = folder / name
             if not path.is_file():
                 return None
             digests.append(hashlib.sha256(path.read_bytes()).hexdigest())
+        signatures = []
+        for field in self.input_files:
+            stat = Path(getattr(config, field)).stat()
+            signatures.append((stat.st_size, stat.st_mtime_ns))
         base = (INPUTS + TASK_SOURCE).compute_key(task_ctx, inputs, flow_parameters, **kwargs)
-        return hash_objects(base, *digests, raise_on_failure=True)
+        return hash_objects(base, *digests, *signatures, raise_on_failure=True)
 
 
 # Transient failures (a lost worker, a network hiccup) are worth a retry.
 RETRIES = {"retries": 2, "retry_delay_seconds": 10}
 
 
-@task(name="filter", cache_policy=OutputsIntact(manifests=("subjects.parquet", "funnel.json")), persist_result=True, **RETRIES)
+@task(name="filter", persist_result=True, **RETRIES,
+      cache_policy=OutputsIntact(manifests=("subjects.parquet", "funnel.json"), input_files=("boxes", "classes")))
 def filter_task(config: FilterConfig) -> Funnel:
     return run_filter(config).funnel
 
 
-@task(name="fetch", cache_policy=OutputsIntact(manifests=("images.parquet", "rejects.parquet")), persist_result=True, **RETRIES)
+@task(name="fetch", persist_result=True, **RETRIES,
+      cache_policy=OutputsIntact(manifests=("images.parquet", "rejects.parquet"), input_files=("subjects",)))
 def fetch_task(config: FetchConfig) -> FetchSummary:
     return fetch_images(config)
 
 
-# No result cache: a shard's pairs live in the build's journal, which skips finished subjects itself.
-@task(name="build shard", **RETRIES)
+# A shard writes its own manifests (``config.manifests``); its images and journal entries go to the
+# shared build folder, whose journal also skips finished subjects when the cache cannot be used.
+@task(name="build shard", persist_result=True, **RETRIES,
+      cache_policy=OutputsIntact(manifests=("pairs.parquet", "rejects.parquet"), input_files=("subjects",),
+                                 folder="manifest_folder"))
 def build_task(config: BuildConfig) -> BuildSummary:
     return build_pairs(config)

@@ -38,14 +38,21 @@ def ray_cluster():
 def test_build_pairs_flow_runs_filter_fetch_build_and_reports(prefect_server, ray_cluster, demo_inputs, tmp_path):
     from prefect.artifacts import Artifact
 
-    photos, backgrounds, boxes, classes = demo_inputs
+    import shutil
+    import time
+
+    photos, backgrounds, bundled_boxes, classes = demo_inputs
+    boxes = shutil.copy(bundled_boxes, tmp_path / "boxes.csv")
     parameters = BuildPairsParameters(boxes=boxes, classes=classes, backgrounds=backgrounds, data=tmp_path / "data",
                                       from_dir=photos, shard_size=2)
     result = build_pairs_flow(parameters)
     assert result == {"subjects": 3, "fetched": 3, "pairs": 3, "rejects": 0}
     pairs = pd.read_parquet(tmp_path / "data" / "pairs.parquet")
     assert sorted(pairs["label_name"]) == ["Cat", "Coffee cup", "Horse"]
-    assert len(list((tmp_path / "data" / "shards").iterdir())) == 2
+    shards = sorted((tmp_path / "data" / "shards").iterdir())
+    assert [shard.name for shard in shards] == ["00000", "00001"]
+    shard_pairs = pd.concat([pd.read_parquet(shard / "pairs.parquet") for shard in shards], ignore_index=True)
+    assert shard_pairs.equals(pairs)
 
     funnel = Artifact.get("filter-funnel")
     assert funnel is not None and "group" in str(funnel.data)
@@ -54,19 +61,32 @@ def test_build_pairs_flow_runs_filter_fetch_build_and_reports(prefect_server, ra
     progress = Artifact.get("build-progress")
     assert progress is not None and float(progress.data) == 100.0
 
-    # The rerun finds everything in place; from then on the filter and fetch results come from the cache.
+    # The rerun finds everything in place; from then on every stage's result comes from the cache.
     again = build_pairs_flow(parameters)
     assert again == {**result, "fetched": 0}
     assert pd.read_parquet(tmp_path / "data" / "pairs.parquet").equals(pairs)
     third = build_pairs_flow(parameters)
     assert third == again
+    from collections import Counter
+
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterState, TaskRunFilterStateName
 
-    with get_client(sync_client=True) as client:
-        cached = client.read_task_runs(task_run_filter=TaskRunFilter(
-            state=TaskRunFilterState(name=TaskRunFilterStateName(any_=["Cached"]))))
-    assert {run.name.rsplit("-", 1)[0] for run in cached} >= {"filter", "fetch"}
+    def cached_runs() -> Counter:
+        with get_client(sync_client=True) as client:
+            runs = client.read_task_runs(task_run_filter=TaskRunFilter(
+                state=TaskRunFilterState(name=TaskRunFilterStateName(any_=["Cached"]))))
+        return Counter(run.name.rsplit("-", 1)[0] for run in runs)
+
+    cached = cached_runs()
+    assert cached["filter"] >= 1 and cached["fetch"] >= 1 and cached["build shard"] >= 2
+
+    # An edited annotation file (the same bytes, written anew) is a new input: the filter runs again.
+    time.sleep(0.01)
+    boxes.write_bytes(boxes.read_bytes())
+    assert build_pairs_flow(parameters) == again
+    after = cached_runs()
+    assert after["filter"] == cached["filter"] and after["build shard"] == cached["build shard"] + 2
 
 
 def test_a_served_deployment_runs_when_triggered_with_parameters(prefect_server, demo_inputs, tmp_path):
