@@ -58,7 +58,11 @@ PAIR_FIELDS = [
     *((f"{stage}_seconds", pa.float64()) for stage in STAGES),
 ]
 PAIRS_SCHEMA = pa.schema(PAIR_FIELDS)
-REJECTS_SCHEMA = pa.schema([("image_id", pa.string()), ("stage", pa.string()), ("reason", pa.string())])
+REJECTS_SCHEMA = pa.schema([
+    ("image_id", pa.string()), ("label_mid", pa.string()), ("label_name", pa.string()),
+    ("source_path", pa.string()), *((edge, pa.float64()) for edge in ("x_min", "x_max", "y_min", "y_max")),
+    ("stage", pa.string()), ("reason", pa.string()),
+])
 
 
 class BuildConfig(BaseModel):
@@ -127,7 +131,11 @@ def _relative(kind: str, image_id: str) -> str:
 
 
 def _reject(row: dict, stage: str, reason: str) -> dict:
-    return {"image_id": row["image_id"], "reject_stage": stage, "reject_reason": reason}
+    return {
+        "image_id": row["image_id"], "label_mid": row["label_mid"], "label_name": row["label_name"],
+        "source_path": os.path.abspath(row["path"]), **{edge: row[edge] for edge in ("x_min", "x_max", "y_min", "y_max")},
+        "reject_stage": stage, "reject_reason": reason,
+    }
 
 
 def decode_subject(row: dict, config: BuildConfig) -> dict:
@@ -386,8 +394,7 @@ def _files_present(out: Path, entry: dict) -> bool:
 
 def _write_outputs(folder: Path, entries: list[dict], skipped: int) -> BuildSummary:
     pairs = [e for e in entries if "reject_stage" not in e]
-    rejects = [{"image_id": e["image_id"], "stage": e["reject_stage"], "reason": e["reject_reason"]}
-               for e in entries if "reject_stage" in e]
+    rejects = [{**e, "stage": e["reject_stage"], "reason": e["reject_reason"]} for e in entries if "reject_stage" in e]
     for name, rows, schema in (("pairs.parquet", pairs, PAIRS_SCHEMA), ("rejects.parquet", rejects, REJECTS_SCHEMA)):
         table = pa.Table.from_pylist([{f.name: row[f.name] for f in schema} for row in rows], schema=schema)
         with atomic_path(folder / name) as temp:

@@ -1,10 +1,10 @@
-"""The `build_pairs` flow: filter → fetch → build, orchestrated by Prefect, the per-image work on Ray.
+"""The `build_pairs` flow: filter → fetch → build → catalog, orchestrated by Prefect, the per-image work on Ray.
 
 Its parameters are one pydantic model, so the Prefect UI shows a validated form and the CLI and the
 tests use the same model. The build runs as coarse tasks, one shard of subjects each; every stage
 skips what its output folder already holds, so a rerun after a crash finishes the same pairs without
-recomputing finished shards. Artifacts: the filter funnel as a table, a progress bar per shard, and a
-markdown summary.
+recomputing finished shards. The catalog step mirrors the pairs into a FiftyOne dataset. Artifacts: the
+filter funnel as a table, a progress bar per shard, and a markdown summary that names the dataset.
 """
 
 from __future__ import annotations
@@ -14,16 +14,20 @@ import shutil
 from pathlib import Path
 
 import pyarrow.parquet as pq
-from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact
-from prefect.artifacts import update_progress_artifact
-from pydantic import BaseModel, ConfigDict, Field
-
 from blipdiff.datasets.build import BuildConfig, build_pairs
+from blipdiff.datasets.catalog import CatalogConfig
 from blipdiff.datasets.fetch import DEFAULT_URL_TEMPLATE, FetchConfig
 from blipdiff.datasets.openimages import RULE_ORDER, FilterConfig
 from blipdiff.infra.atomic import atomic_path
-from blipdiff.tasks.stages import build_task, fetch_task, filter_task
+from blipdiff.tasks.stages import build_task, catalog_task, fetch_task, filter_task
+from prefect import flow, get_run_logger
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class BuildPairsParameters(BaseModel):
@@ -42,6 +46,7 @@ class BuildPairsParameters(BaseModel):
     segmenter: str = Field(default="grabcut", description="grabcut or clipseg")
     seed: int = 0
     shard_size: int = Field(default=256, ge=1, description="subjects per build task")
+    dataset: str | None = Field(default=None, description="FiftyOne dataset of the catalog; the data folder's name if empty")
 
     def filter_config(self) -> FilterConfig:
         return FilterConfig(boxes=self.boxes, classes=self.classes, out=self.data / "subjects", rules=self.rules)
@@ -54,6 +59,10 @@ class BuildPairsParameters(BaseModel):
         return BuildConfig(subjects=subjects, images=self.data / "images", backgrounds=self.backgrounds,
                            out=self.data, manifests=manifests, captioner=self.captioner,
                            segmenter=self.segmenter, seed=self.seed)
+
+
+    def catalog_config(self) -> CatalogConfig:
+        return CatalogConfig(pairs=self.data, dataset=self.dataset or self.data.resolve().name)
 
 
 def write_shards(subjects: Path, folder: Path, shard_size: int) -> list[Path]:
@@ -103,6 +112,7 @@ def build_pairs_flow(parameters: BuildPairsParameters) -> dict:
         logger.info("shard %d of %d built", done, len(shards))
     # Every shard is in the journal now: this writes the manifests of all of them, computing nothing.
     summary = build_pairs(parameters.build_config(parameters.data / "subjects" / "subjects.parquet"))
+    catalog = catalog_task(parameters.catalog_config())
 
     rejects = "\n".join(f"| {reason} | {count} |" for reason, count in summary.rejects.most_common()) or "| none | 0 |"
     stages = " | ".join(f"{stage} {seconds:.2f} s" for stage, seconds in summary.seconds_per_stage.items())
@@ -112,9 +122,11 @@ def build_pairs_flow(parameters: BuildPairsParameters) -> dict:
             f"# build_pairs\n\n- subjects: {funnel.subjects:,} of {funnel.images_read:,} images\n"
             f"- images fetched: {fetched.fetched:,} (already present: {fetched.skipped:,})\n"
             f"- pairs: {summary.pairs:,}\n- mean seconds per pair: {stages}\n"
-            f"- pairs manifest: `{parameters.data / 'pairs.parquet'}`\n\n"
+            f"- pairs manifest: `{parameters.data / 'pairs.parquet'}`\n"
+            f"- catalog: FiftyOne dataset `{catalog.dataset}` ({catalog.pairs:,} pairs, {catalog.rejects:,} rejected, "
+            f"{catalog.added:,} added by this run); open it with `{catalog.app_command()}`\n\n"
             f"| reject | subjects |\n| --- | ---: |\n{rejects}\n"
         ),
     )
     return {"subjects": funnel.subjects, "fetched": fetched.fetched, "pairs": summary.pairs,
-            "rejects": sum(summary.rejects.values())}
+            "rejects": sum(summary.rejects.values()), "dataset": catalog.dataset}

@@ -34,3 +34,5 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
   "${pip[@]}" install --editable .
   echo "$wanted" >"$stamp"
 fi
+# FiftyOne's bundled mongod needs OpenSSL 1.1 on Debian 12 and recent Ubuntu: provided inside .venv.
+.venv/bin/python -m blipdiff.infra.mongodb

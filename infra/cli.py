@@ -31,10 +31,9 @@ def filter_command(
     ] = None,
 ) -> None:
     """Choose one subject per image by the paper's rules (appendix A.4)."""
-    from pydantic import ValidationError
-
     from blipdiff.datasets.openimages import FilterConfig, run_filter
     from blipdiff.infra.report import print_funnel
+    from pydantic import ValidationError
 
     try:
         config = FilterConfig(boxes=boxes, classes=classes, out=out, rules=rules)
@@ -68,10 +67,9 @@ def fetch_command(
     ] = None,
 ) -> None:
     """Fetch the subjects' images into one verified, sharded folder; reruns resume."""
-    from pydantic import ValidationError
-
     from blipdiff.datasets.fetch import FetchConfig, fetch_images
     from blipdiff.infra.report import print_fetch_summary, run_with_progress
+    from pydantic import ValidationError
 
     try:
         config = FetchConfig(
@@ -111,10 +109,9 @@ def build_command(
     working_long_side: Annotated[int, typer.Option(help="Long side at which the matte is solved.")] = 512,
 ) -> None:
     """Build the synthetic training pairs: caption, segment, trimap, matte, composite."""
-    from pydantic import ValidationError
-
     from blipdiff.datasets.build import BuildConfig, build_pairs
     from blipdiff.infra.report import print_build_summary, run_with_progress
+    from pydantic import ValidationError
 
     try:
         config = BuildConfig(
@@ -164,6 +161,48 @@ def matte_command(
         raise typer.Exit(code=1)
 
 
+@app.command("catalog")
+def catalog_command(
+    pairs: Annotated[Path, typer.Option(help="Build folder: pairs.parquet, rejects.parquet and the pairs' images.")],
+    dataset: Annotated[str, typer.Option(help="FiftyOne dataset name.")],
+    replace: Annotated[bool, typer.Option(help="Delete the dataset first, even if it catalogues another build.")]
+    = False,
+) -> None:
+    """Catalogue every pair (and every rejected subject) in a grouped FiftyOne dataset."""
+    from blipdiff.datasets.catalog import CatalogConfig, CatalogError, catalog_pairs
+    from blipdiff.infra.report import print_catalog_summary
+    from pydantic import ValidationError
+
+    try:
+        summary = catalog_pairs(CatalogConfig(pairs=pairs, dataset=dataset, replace=replace))
+    except (CatalogError, ValidationError, OSError) as error:
+        raise _fail(str(error)) from error
+    print_catalog_summary(summary)
+
+
+@app.command("app")
+def app_command(
+    dataset: Annotated[str | None, typer.Option(help="Dataset to open; the App's dataset picker otherwise.")] = None,
+    port: Annotated[int, typer.Option(help="Port of the FiftyOne App on 127.0.0.1.")] = 5151,
+) -> None:
+    """Serve the FiftyOne App on 127.0.0.1 until interrupted."""
+    import os
+
+    os.environ.setdefault("FIFTYONE_DO_NOT_TRACK", "true")
+    import fiftyone as fo
+
+    if dataset is not None and not fo.dataset_exists(dataset):
+        known = ", ".join(fo.list_datasets()) or "none"
+        raise _fail(f"no dataset {dataset!r} (datasets: {known}); `blipdiff catalog` makes one")
+    session = fo.launch_app(fo.load_dataset(dataset) if dataset else None, address="127.0.0.1", port=port,
+                            remote=True, auto=False)
+    typer.echo(f"FiftyOne App: http://127.0.0.1:{port}/ (Ctrl-C stops it)")
+    try:
+        session.wait(-1)
+    except KeyboardInterrupt:
+        session.close()
+
+
 @app.command("serve")
 def serve_command(
     data: Annotated[Path, typer.Option(help="Data folder; Prefect's state lives in DATA/prefect without PREFECT_API_URL.")]
@@ -175,15 +214,13 @@ def serve_command(
     name: Annotated[str, typer.Option(help="Deployment name.")] = "blipdiff",
 ) -> None:
     """Serve the deployments of the flows (build_pairs) so that the Prefect UI and schedules can run them."""
-    from pydantic import ValidationError
-
     from blipdiff.infra.prefect_home import use_project_prefect_home
+    from pydantic import ValidationError
 
     use_project_prefect_home(data)
 
-    from prefect import serve
-
     from blipdiff.flows.build_pairs import BuildPairsParameters, build_pairs_flow
+    from prefect import serve
 
     defaults = None
     if parameters is not None:
@@ -216,6 +253,7 @@ def server_command(
 @app.command("demo")
 def demo_command(
     out: Annotated[Path, typer.Option(help="Folder for the demo's outputs.")] = Path("blipdiff-demo"),
+    dataset: Annotated[str, typer.Option(help="FiftyOne dataset that catalogues the pairs.")] = "blipdiff-demo",
 ) -> None:
     """Run the build_pairs flow on the bundled sample with the weight-free backends (no weights, no network)."""
     from blipdiff.infra.prefect_home import use_project_prefect_home
@@ -231,11 +269,12 @@ def demo_command(
     backgrounds.mkdir(parents=True, exist_ok=True)
     write_demo_photos(photos, backgrounds)
     parameters = BuildPairsParameters(boxes=boxes, classes=classes, backgrounds=backgrounds, data=out,
-                                      from_dir=photos)
+                                      from_dir=photos, dataset=dataset)
     result = build_pairs_flow(parameters)
     pairs = (out / "pairs.parquet").resolve()
     typer.echo(f"\n{result['pairs']} pairs -> {pairs}")
     typer.echo(f"subjects -> {(out / 'subjects').resolve()}; images -> {(out / 'images').resolve()}")
+    typer.echo(f"FiftyOne dataset {dataset!r}: `blipdiff app --dataset {dataset}`, then open http://127.0.0.1:5151")
     if home is not None:
         typer.echo(f"Prefect runs are kept in {home}: `blipdiff server --data {out}`, then open http://127.0.0.1:4200")
 

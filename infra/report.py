@@ -20,6 +20,7 @@ from rich.text import Text
 
 if TYPE_CHECKING:
     from blipdiff.datasets.build import BuildSummary
+    from blipdiff.datasets.catalog import CatalogSummary
     from blipdiff.datasets.fetch import FetchSummary
     from blipdiff.datasets.openimages import Funnel
 
@@ -79,3 +80,17 @@ def print_build_summary(summary: BuildSummary, console: Console | None = None) -
         stages.add_column(stage, justify="right")
     stages.add_row(*(f"{seconds:.3f}" for seconds in summary.seconds_per_stage.values()))
     (console or Console()).print(stages)
+
+
+def print_catalog_summary(summary: CatalogSummary, console: Console | None = None) -> None:
+    table = Table(title=f"Catalog: FiftyOne dataset {summary.dataset!r}")
+    table.add_column("groups")
+    table.add_column("count", justify="right")
+    table.add_row("pairs", f"{summary.pairs:,}")
+    table.add_row("rejected subjects", f"{summary.rejects:,}")
+    table.add_row("added by this run", f"{summary.added:,}")
+    table.add_row("replaced or removed", f"{summary.removed:,}")
+    console = console or Console()
+    console.print(table)
+    console.print(f"saved views: {', '.join(summary.saved_views)}")
+    console.print(f"open it: {summary.app_command()}")

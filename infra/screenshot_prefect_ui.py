@@ -12,34 +12,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from blipdiff.infra.screenshots import IMAGES, find_chromium, screenshot, wait_for
+
 BLIPDIFF = Path(sys.executable).parent / "blipdiff"
-CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--hide-scrollbars",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync", "--window-size=1440,900",
-    "--virtual-time-budget=20000",
-]
-
-
-def wait_for(url: str, seconds: float) -> bytes:
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=5) as response:
-                return response.read()
-        except OSError:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{url} did not answer in {seconds:.0f} s") from None
-            time.sleep(1)
 
 
 def post(url: str, body: dict) -> list:
@@ -48,21 +30,12 @@ def post(url: str, body: dict) -> list:
         return json.loads(response.read())
 
 
-def screenshot(chromium: str, url: str, target: Path) -> None:
-    with tempfile.TemporaryDirectory() as profile:
-        subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--screenshot={target}", url],
-                       check=True, capture_output=True, timeout=120)
-    print(f"{url} -> {target}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "blipdiff-ui")
     parser.add_argument("--port", type=int, default=4311)
     args = parser.parse_args()
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        sys.exit("Chromium not found: apt-get install chromium")
+    chromium = find_chromium()
     api = f"http://127.0.0.1:{args.port}/api"
     environment = {**os.environ, "PREFECT_API_URL": api, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                    "PREFECT_HOME": str(args.data / "prefect")}
@@ -87,11 +60,10 @@ def main() -> None:
                                                  "sort": "END_TIME_DESC", "limit": 1})
         if not runs:
             sys.exit("no completed flow run to show")
-        images = ROOT / "docs" / "img"
-        images.mkdir(parents=True, exist_ok=True)
+        IMAGES.mkdir(parents=True, exist_ok=True)
         base = f"http://127.0.0.1:{args.port}"
-        screenshot(chromium, f"{base}/deployments", images / "prefect-deployments.png")
-        screenshot(chromium, f"{base}/runs/flow-run/{runs[0]['id']}", images / "prefect-build-pairs-run.png")
+        screenshot(chromium, f"{base}/deployments", IMAGES / "prefect-deployments.png")
+        screenshot(chromium, f"{base}/runs/flow-run/{runs[0]['id']}", IMAGES / "prefect-build-pairs-run.png")
     finally:
         for process in reversed(started):
             os.killpg(process.pid, signal.SIGTERM)

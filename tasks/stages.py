@@ -8,13 +8,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from blipdiff.datasets.build import BuildConfig, BuildSummary, build_pairs
+from blipdiff.datasets.catalog import CatalogConfig, CatalogSummary, catalog_pairs
+from blipdiff.datasets.fetch import FetchConfig, FetchSummary, fetch_images
+from blipdiff.datasets.openimages import FilterConfig, Funnel, run_filter
 from prefect import task
 from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
 from prefect.utilities.hashing import hash_objects
-
-from blipdiff.datasets.build import BuildConfig, BuildSummary, build_pairs
-from blipdiff.datasets.fetch import FetchConfig, FetchSummary, fetch_images
-from blipdiff.datasets.openimages import FilterConfig, Funnel, run_filter
 
 
 @dataclass
@@ -71,3 +71,10 @@ def fetch_task(config: FetchConfig) -> FetchSummary:
                                  folder="manifest_folder"))
 def build_task(config: BuildConfig) -> BuildSummary:
     return build_pairs(config)
+
+
+# Not cached: the catalog lives in a database that can change under any file-based key; the step
+# mirrors the manifests instead, so a rerun over an up-to-date dataset adds nothing.
+@task(name="catalog", **RETRIES)
+def catalog_task(config: CatalogConfig) -> CatalogSummary:
+    return catalog_pairs(config)

@@ -1,0 +1,215 @@
+"""The catalog: every pair of a build folder in a FiftyOne dataset, to judge the data before training.
+
+One group per subject. A pair's group has the slices ``target`` (the original image, with the subject's
+box as a labelled detection and the matte and trimap as overlays), ``input`` (the synthetic model
+input), ``composite``, ``alpha`` (the matte, as an image and as a heat map) and ``trimap`` (a
+segmentation whose classes are named). A rejected subject's group has only its ``target``, tagged
+``rejected``, with the stage and the reason. Every sample carries the pair's fields (label, captions,
+foreground and unknown fractions, seconds per stage), so sorting and filtering work on any slice.
+
+The database records paths, never pixels. Cataloguing mirrors the manifests: groups that are complete
+and still in the manifests stay, new subjects are added, and anything else (a group cut short by a
+crash, a reject that became a pair) is replaced, so a rerun leaves exactly one group per subject.
+A dataset belongs to one build folder: the outputs of two builds never mix in it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow.parquet as pq
+from blipdiff.datasets.build import IMAGE_KINDS, SETTINGS, STAGES
+from blipdiff.datasets.matting import (
+    TRIMAP_BACKGROUND,
+    TRIMAP_FOREGROUND,
+    TRIMAP_UNKNOWN,
+)
+from pydantic import BaseModel, ConfigDict, Field
+
+SLICES = tuple(IMAGE_KINDS)  # target, composite, input, alpha, trimap
+TRIMAP_CLASSES = {TRIMAP_BACKGROUND: "background", TRIMAP_UNKNOWN: "unknown", TRIMAP_FOREGROUND: "foreground"}
+PAIR, REJECTED = "pair", "rejected"
+SAVED_VIEWS = {
+    "largest-unknown-band": "pairs, the widest unknown band of the trimap first",
+    "smallest-foreground": "pairs, the smallest matted foreground first",
+    "by-class": "pairs grouped by class label",
+    "rejected": "rejected subjects, with their stage and reason",
+}
+
+
+class CatalogError(RuntimeError):
+    """The catalog cannot be written as asked; the message says why and what to do."""
+
+
+class CatalogConfig(BaseModel):
+    """One cataloguing run; shared by the CLI, the flow and the tests."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pairs: Path = Field(description="a build folder (pairs.parquet, rejects.parquet and the pairs' images)")
+    dataset: str = Field(min_length=1, description="FiftyOne dataset name")
+    replace: bool = Field(default=False, description="delete the dataset first, even if it catalogues another build")
+
+
+@dataclass
+class CatalogSummary:
+    dataset: str
+    pairs: int
+    rejects: int
+    added: int
+    removed: int
+    saved_views: list[str] = field(default_factory=list)
+
+    def app_command(self) -> str:
+        return f"blipdiff app --dataset {self.dataset}"
+
+
+def _fiftyone():
+    # Offline by default, as with Prefect's telemetry; FIFTYONE_DO_NOT_TRACK=false turns it back on.
+    os.environ.setdefault("FIFTYONE_DO_NOT_TRACK", "true")
+    import fiftyone
+
+    return fiftyone
+
+
+def _read_manifests(folder: Path) -> tuple[list[dict], list[dict]]:
+    pairs_path = folder / "pairs.parquet"
+    if not pairs_path.is_file():
+        raise CatalogError(f"{pairs_path} is missing: --pairs takes a build folder (blipdiff build --out)")
+    pairs = pq.read_table(pairs_path).to_pylist()
+    rejects_path = folder / "rejects.parquet"
+    rejects = pq.read_table(rejects_path).to_pylist() if rejects_path.is_file() else []
+    if rejects and "source_path" not in rejects[0]:
+        raise CatalogError(f"{rejects_path} predates the catalog: run `blipdiff build` on the folder again")
+    return pairs, rejects
+
+
+def _box(x_min: float, x_max: float, y_min: float, y_max: float) -> list[float]:
+    return [x_min, y_min, x_max - x_min, y_max - y_min]
+
+
+def _pair_group(fo, folder: Path, row: dict) -> list:
+    width, height = row["width"], row["height"]
+    fields = {
+        "image_id": row["image_id"], "status": PAIR, "label": row["label_name"], "label_mid": row["label_mid"],
+        "caption": row["caption"], "captions": list(row["captions"]), "width": width, "height": height,
+        "background": row["background"], "foreground_fraction": row["foreground_fraction"],
+        "unknown_fraction": row["unknown_fraction"],
+        **{f"{stage}_seconds": row[f"{stage}_seconds"] for stage in STAGES},
+        "total_seconds": sum(row[f"{stage}_seconds"] for stage in STAGES),
+    }
+    paths = {kind: str(folder / row[f"{kind}_path"]) for kind in SLICES}
+    subject = fo.Detections(detections=[fo.Detection(
+        label=row["label_name"],
+        bounding_box=_box(row["box_x0"] / width, row["box_x1"] / width, row["box_y0"] / height, row["box_y1"] / height),
+    )])
+    matte = {"matte": fo.Heatmap(map_path=paths["alpha"], range=[0, 255])}
+    trimap = {"trimap": fo.Segmentation(mask_path=paths["trimap"])}
+    labels = {"target": {"subject": subject, **matte, **trimap}, "alpha": matte, "trimap": trimap}
+    group = fo.Group()
+    return [
+        fo.Sample(filepath=paths[kind], group=group.element(kind), **fields, **labels.get(kind, {}))
+        for kind in SLICES
+    ]
+
+
+def _reject_group(fo, row: dict) -> list:
+    subject = fo.Detections(detections=[fo.Detection(
+        label=row["label_name"], bounding_box=_box(row["x_min"], row["x_max"], row["y_min"], row["y_max"]),
+    )])
+    return [fo.Sample(
+        filepath=row["source_path"], group=fo.Group().element("target"), tags=[REJECTED],
+        image_id=row["image_id"], status=REJECTED, label=row["label_name"], label_mid=row["label_mid"],
+        reject_stage=row["stage"], reject_reason=row["reason"], subject=subject,
+    )]
+
+
+def _open_dataset(fo, config: CatalogConfig, folder: Path):
+    if config.replace and fo.dataset_exists(config.dataset):
+        fo.delete_dataset(config.dataset)
+    if fo.dataset_exists(config.dataset):
+        dataset = fo.load_dataset(config.dataset)
+        owner = dataset.info.get("pairs_folder")
+        if owner != str(folder):
+            raise CatalogError(
+                f"dataset {config.dataset!r} catalogues {owner or 'something else'}, not {folder}: "
+                "choose another --dataset, or --replace it"
+            )
+        return dataset
+    dataset = fo.Dataset(config.dataset)
+    dataset.persistent = True
+    dataset.add_group_field("group", default="target")
+    dataset.mask_targets = {"trimap": dict(TRIMAP_CLASSES)}
+    settings = folder / SETTINGS
+    dataset.info = {
+        "pairs_folder": str(folder),
+        "build_settings": json.loads(settings.read_text()) if settings.is_file() else None,
+    }
+    dataset.save()
+    return dataset
+
+
+def _catalogued(dataset) -> dict[str, tuple[str, int, str]]:
+    """image_id -> (status, samples in its group, group id), for every group in the dataset."""
+    if not dataset.has_sample_field("image_id"):
+        return {}
+    every_slice = dataset.select_group_slices(_allow_mixed=True)
+    ids, statuses, groups = every_slice.values(["image_id", "status", "group.id"])
+    found: dict[str, tuple[str, int, str]] = {}
+    for image_id, status, group_id in zip(ids, statuses, groups, strict=True):
+        previous = found.get(image_id)
+        if previous is not None and previous[2] != group_id:
+            found[image_id] = ("duplicate", 0, previous[2])  # a second group: replaced, both of them
+            continue
+        found[image_id] = (status, (previous[1] if previous else 0) + 1, group_id)
+    return found
+
+
+def _save_views(fo, dataset) -> list[str]:
+    from fiftyone import ViewField as F
+
+    pairs = dataset.match(F("status") == PAIR)
+    views = {
+        "largest-unknown-band": pairs.sort_by("unknown_fraction", reverse=True),
+        "smallest-foreground": pairs.sort_by("foreground_fraction"),
+        "by-class": pairs.group_by("label", order_by="foreground_fraction"),
+        "rejected": dataset.match_tags(REJECTED),
+    }
+    for name, view in views.items():
+        if dataset.has_saved_view(name):
+            dataset.delete_saved_view(name)
+        dataset.save_view(name, view, description=SAVED_VIEWS[name])
+    return list(views)
+
+
+def catalog_pairs(config: CatalogConfig) -> CatalogSummary:
+    """Mirror a build folder's pairs and rejects into the FiftyOne dataset ``config.dataset``."""
+    folder = config.pairs.resolve()
+    if folder.is_file():
+        folder = folder.parent
+    pairs, rejects = _read_manifests(folder)
+    fo = _fiftyone()
+    dataset = _open_dataset(fo, config, folder)
+
+    wanted = {row["image_id"]: (REJECTED, 1) for row in rejects} | {row["image_id"]: (PAIR, len(SLICES)) for row in pairs}
+    present = _catalogued(dataset)
+    stale = [group for image_id, (status, count, group) in present.items() if wanted.get(image_id) != (status, count)]
+    if stale:
+        dataset.delete_groups(stale)
+    keep = {image_id for image_id, (status, count, _) in present.items() if wanted.get(image_id) == (status, count)}
+    samples = []
+    for row in pairs:
+        if row["image_id"] not in keep:
+            samples.extend(_pair_group(fo, folder, row))
+    for row in rejects:
+        if row["image_id"] not in keep:
+            samples.extend(_reject_group(fo, row))
+    if samples:
+        dataset.add_samples(samples, progress=False)
+    added = len(wanted) - len(keep)
+    views = _save_views(fo, dataset)
+    return CatalogSummary(dataset=config.dataset, pairs=len(pairs), rejects=len(rejects), added=added,
+                          removed=len(stale), saved_views=views)
