@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import tempfile
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,6 +16,28 @@ from helpers import CLASSES, V6_HEADER, V13_HEADER
 # Prefect reads its home when first imported: keep the tests' state away from the user's ~/.prefect.
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="blipdiff-tests-prefect-")
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+# FiftyOne reads its config when first imported: the tests' datasets live in a database of their own,
+# which every process the tests start inherits and the session drops at its end.
+os.environ["FIFTYONE_DATABASE_NAME"] = f"blipdiff-tests-{uuid.uuid4().hex[:12]}"
+os.environ["FIFTYONE_DO_NOT_TRACK"] = "true"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def temporary_state():
+    yield
+    shutil.rmtree(os.environ["PREFECT_HOME"], ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def fiftyone_database() -> str:
+    """The tests' temporary FiftyOne database, on FiftyOne's own MongoDB (or FIFTYONE_DATABASE_URI)."""
+    import fiftyone as fo
+    import fiftyone.core.odm as foo
+
+    name = fo.config.database_name
+    assert name == os.environ["FIFTYONE_DATABASE_NAME"]
+    yield name
+    foo.get_db_client().drop_database(name)
 
 
 @pytest.fixture

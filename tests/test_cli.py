@@ -23,7 +23,7 @@ def blipdiff(*args: str, cwd: Path | None = None, env: dict | None = None) -> su
 def test_help_lists_the_commands_without_importing_heavy_libraries():
     done = blipdiff("--help")
     assert done.returncode == 0
-    for command in ("filter", "demo"):
+    for command in ("filter", "fetch", "build", "matte", "catalog", "app", "serve", "server", "demo"):
         assert command in done.stdout
     probe = (
         "import sys, blipdiff.infra.cli; "
@@ -81,7 +81,7 @@ def test_filter_errors_are_clear_and_leave_no_output(tmp_path):
     assert not out.exists()
 
 
-def test_demo_runs_the_bundled_sample(tmp_path):
+def test_demo_runs_the_bundled_sample_and_catalogues_it(fiftyone_database, tmp_path):
     environment = {k: v for k, v in os.environ.items() if k not in ("PREFECT_HOME", "PREFECT_API_URL")}
     done = blipdiff("demo", "--out", str(tmp_path / "demo"), env=environment)
     assert done.returncode == 0, done.stderr
@@ -97,3 +97,9 @@ def test_demo_runs_the_bundled_sample(tmp_path):
         assert all((demo / path).is_file() for path in pairs[column])
     assert f"3 pairs -> {demo.resolve() / 'pairs.parquet'}" in done.stdout
     assert (demo / "prefect").is_dir(), "without PREFECT_API_URL the runs live in the demo's folder"
+    assert "FiftyOne dataset 'blipdiff-demo': `blipdiff app --dataset blipdiff-demo`" in done.stdout
+    import fiftyone as fo
+
+    catalog = fo.load_dataset("blipdiff-demo")
+    assert sorted(catalog.values("label")) == ["Cat", "Coffee cup", "Horse"]
+    assert sorted(catalog.group_slices) == ["alpha", "composite", "input", "target", "trimap"]

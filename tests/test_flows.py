@@ -35,7 +35,8 @@ def ray_cluster():
     ray.shutdown()
 
 
-def test_build_pairs_flow_runs_filter_fetch_build_and_reports(prefect_server, ray_cluster, demo_inputs, tmp_path):
+def test_build_pairs_flow_runs_filter_fetch_build_catalog_and_reports(prefect_server, ray_cluster, demo_inputs,
+                                                                       fiftyone_database, tmp_path):
     from prefect.artifacts import Artifact
 
     import shutil
@@ -44,9 +45,9 @@ def test_build_pairs_flow_runs_filter_fetch_build_and_reports(prefect_server, ra
     photos, backgrounds, bundled_boxes, classes = demo_inputs
     boxes = shutil.copy(bundled_boxes, tmp_path / "boxes.csv")
     parameters = BuildPairsParameters(boxes=boxes, classes=classes, backgrounds=backgrounds, data=tmp_path / "data",
-                                      from_dir=photos, shard_size=2)
+                                      from_dir=photos, shard_size=2, dataset="flow-test")
     result = build_pairs_flow(parameters)
-    assert result == {"subjects": 3, "fetched": 3, "pairs": 3, "rejects": 0}
+    assert result == {"subjects": 3, "fetched": 3, "pairs": 3, "rejects": 0, "dataset": "flow-test"}
     pairs = pd.read_parquet(tmp_path / "data" / "pairs.parquet")
     assert sorted(pairs["label_name"]) == ["Cat", "Coffee cup", "Horse"]
     shards = sorted((tmp_path / "data" / "shards").iterdir())
@@ -58,6 +59,12 @@ def test_build_pairs_flow_runs_filter_fetch_build_and_reports(prefect_server, ra
     assert funnel is not None and "group" in str(funnel.data)
     summary = Artifact.get("build-pairs-summary")
     assert summary is not None and "- pairs: 3" in str(summary.data)
+    assert "FiftyOne dataset `flow-test` (3 pairs" in str(summary.data)
+    assert "`blipdiff app --dataset flow-test`" in str(summary.data)
+    import fiftyone as fo
+
+    catalog = fo.load_dataset("flow-test")
+    assert sorted(catalog.values("label")) == ["Cat", "Coffee cup", "Horse"]
     progress = Artifact.get("build-progress")
     assert progress is not None and float(progress.data) == 100.0
 
@@ -87,9 +94,11 @@ def test_build_pairs_flow_runs_filter_fetch_build_and_reports(prefect_server, ra
     assert build_pairs_flow(parameters) == again
     after = cached_runs()
     assert after["filter"] == cached["filter"] and after["build shard"] == cached["build shard"] + 2
+    assert len(catalog.select_group_slices(_allow_mixed=True)) == 3 * 5, "a rerun catalogues nothing twice"
 
 
-def test_a_served_deployment_runs_when_triggered_with_parameters(prefect_server, demo_inputs, tmp_path):
+def test_a_served_deployment_runs_when_triggered_with_parameters(prefect_server, demo_inputs, fiftyone_database,
+                                                                  tmp_path):
     import os
     import signal
     import subprocess
@@ -130,7 +139,8 @@ def test_a_served_deployment_runs_when_triggered_with_parameters(prefect_server,
     assert sorted(pairs["label_name"]) == ["Cat", "Coffee cup", "Horse"]
 
 
-def test_a_run_killed_mid_build_resumes_to_the_pairs_of_an_uninterrupted_run(prefect_server, demo_inputs, tmp_path):
+def test_a_run_killed_mid_build_resumes_to_the_pairs_of_an_uninterrupted_run(prefect_server, demo_inputs,
+                                                                             fiftyone_database, tmp_path):
     import json
     import os
     import signal
