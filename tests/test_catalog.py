@@ -234,3 +234,27 @@ def test_the_app_command_serves_the_app_on_loopback(build_folder, dataset_name):
     finally:
         os.killpg(app.pid, 15)
         app.wait(timeout=60)
+
+
+def test_an_external_mongodb_named_by_fiftyone_database_uri_is_used(build_folder, tmp_path):
+    """A team's MongoDB: here a second mongod on a port of its own, with nothing of FiftyOne's own."""
+    pymongo = pytest.importorskip("pymongo")
+    port = free_port()
+    (tmp_path / "db").mkdir()
+    mongod = subprocess.Popen([str(bundled_mongod()), "--dbpath", str(tmp_path / "db"), "--port", str(port),
+                               "--bind_ip", "127.0.0.1", "--nounixsocket"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        uri = f"mongodb://127.0.0.1:{port}"
+        client = pymongo.MongoClient(uri, serverSelectionTimeoutMS=60_000)
+        client.admin.command("ping")
+        environment = {**os.environ, "FIFTYONE_DATABASE_URI": uri, "FIFTYONE_DATABASE_NAME": "team"}
+        done = subprocess.run([str(BLIPDIFF), "catalog", "--pairs", str(build_folder), "--dataset", "shared"],
+                              env=environment, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        datasets = client["team"]["datasets"].find_one({"name": "shared"})
+        assert datasets is not None, "the dataset should live in the external MongoDB"
+        client.close()
+    finally:
+        mongod.terminate()
+        mongod.wait(timeout=60)
