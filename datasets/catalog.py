@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -152,19 +153,15 @@ def _open_dataset(fo, config: CatalogConfig, folder: Path):
     return dataset
 
 
-def _catalogued(dataset) -> dict[str, tuple[str, int, str]]:
-    """image_id -> (status, samples in its group, group id), for every group in the dataset."""
+def _catalogued(dataset) -> dict[str, dict[str, tuple[str, int]]]:
+    """image_id -> {group id: (status, samples in the group)}, for every group in the dataset."""
+    found: dict[str, dict[str, tuple[str, int]]] = defaultdict(dict)
     if not dataset.has_sample_field("image_id"):
-        return {}
+        return found
     every_slice = dataset.select_group_slices(_allow_mixed=True)
-    ids, statuses, groups = every_slice.values(["image_id", "status", "group.id"])
-    found: dict[str, tuple[str, int, str]] = {}
-    for image_id, status, group_id in zip(ids, statuses, groups, strict=True):
-        previous = found.get(image_id)
-        if previous is not None and previous[2] != group_id:
-            found[image_id] = ("duplicate", 0, previous[2])  # a second group: replaced, both of them
-            continue
-        found[image_id] = (status, (previous[1] if previous else 0) + 1, group_id)
+    for image_id, status, group_id in zip(*every_slice.values(["image_id", "status", "group.id"]), strict=True):
+        _, count = found[image_id].get(group_id, (status, 0))
+        found[image_id][group_id] = (status, count + 1)
     return found
 
 
@@ -196,10 +193,12 @@ def catalog_pairs(config: CatalogConfig) -> CatalogSummary:
 
     wanted = {row["image_id"]: (REJECTED, 1) for row in rejects} | {row["image_id"]: (PAIR, len(SLICES)) for row in pairs}
     present = _catalogued(dataset)
-    stale = [group for image_id, (status, count, group) in present.items() if wanted.get(image_id) != (status, count)]
+    # A subject stays when it has exactly one group, complete and of the status the manifests give it.
+    keep = {image_id for image_id, groups in present.items()
+            if len(groups) == 1 and next(iter(groups.values())) == wanted.get(image_id)}
+    stale = [group for image_id, groups in present.items() if image_id not in keep for group in groups]
     if stale:
         dataset.delete_groups(stale)
-    keep = {image_id for image_id, (status, count, _) in present.items() if wanted.get(image_id) == (status, count)}
     new_pairs = [_pair_group(fo, folder, row) for row in pairs if row["image_id"] not in keep]
     new_rejects = [_reject_group(fo, row) for row in rejects if row["image_id"] not in keep]
     # Every group of a kind has the same fields: the first of each declares them, and the rest skip

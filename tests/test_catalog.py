@@ -176,6 +176,15 @@ def test_cataloguing_again_keeps_one_group_per_subject_and_adds_only_what_is_new
     assert (fourth.added, fourth.removed) == (1, 1)
     assert sorted(every_sample(dataset).count_values("image_id").values()) == [1, 1, 5, 5, 5]
 
+    # A second group for one subject (two catalogue runs racing, say): both go, one comes back.
+    target = dataset.match({"status": "pair"}).first()
+    dataset.add_sample(fo.Sample(filepath=target.filepath, group=fo.Group().element("target"),
+                                 image_id=target.image_id, status="pair"))
+    sixth = catalog_pairs(CatalogConfig(pairs=folder, dataset=dataset_name))
+    assert (sixth.added, sixth.removed) == (1, 2)
+    assert sorted(every_sample(dataset).count_values("image_id").values()) == [1, 1, 5, 5, 5]
+    assert len(set(every_sample(dataset).values("group.id"))) == 5
+
     # A subject that the manifests no longer hold leaves the catalog.
     pq.write_table(full.slice(0, 2), folder / "pairs.parquet")
     fifth = catalog_pairs(CatalogConfig(pairs=folder, dataset=dataset_name))
