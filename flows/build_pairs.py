@@ -47,6 +47,7 @@ class BuildPairsParameters(BaseModel):
     seed: int = 0
     shard_size: int = Field(default=256, ge=1, description="subjects per build task")
     dataset: str | None = Field(default=None, description="FiftyOne dataset of the catalog; the data folder's name if empty")
+    replace_catalog: bool = Field(default=False, description="delete that dataset first, even if it catalogues another build")
 
     def filter_config(self) -> FilterConfig:
         return FilterConfig(boxes=self.boxes, classes=self.classes, out=self.data / "subjects", rules=self.rules)
@@ -62,7 +63,8 @@ class BuildPairsParameters(BaseModel):
 
 
     def catalog_config(self) -> CatalogConfig:
-        return CatalogConfig(pairs=self.data, dataset=self.dataset or self.data.resolve().name)
+        return CatalogConfig(pairs=self.data, dataset=self.dataset or self.data.resolve().name,
+                             replace=self.replace_catalog)
 
 
 def write_shards(subjects: Path, folder: Path, shard_size: int) -> list[Path]:

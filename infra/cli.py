@@ -253,7 +253,9 @@ def server_command(
 @app.command("demo")
 def demo_command(
     out: Annotated[Path, typer.Option(help="Folder for the demo's outputs.")] = Path("blipdiff-demo"),
-    dataset: Annotated[str, typer.Option(help="FiftyOne dataset that catalogues the pairs.")] = "blipdiff-demo",
+    dataset: Annotated[
+        str, typer.Option(help="FiftyOne dataset that catalogues the pairs (made anew by every demo run).")
+    ] = "blipdiff-demo",
 ) -> None:
     """Run the build_pairs flow on the bundled sample with the weight-free backends (no weights, no network)."""
     from blipdiff.infra.prefect_home import use_project_prefect_home
@@ -269,7 +271,7 @@ def demo_command(
     backgrounds.mkdir(parents=True, exist_ok=True)
     write_demo_photos(photos, backgrounds)
     parameters = BuildPairsParameters(boxes=boxes, classes=classes, backgrounds=backgrounds, data=out,
-                                      from_dir=photos, dataset=dataset)
+                                      from_dir=photos, dataset=dataset, replace_catalog=True)
     result = build_pairs_flow(parameters)
     pairs = (out / "pairs.parquet").resolve()
     typer.echo(f"\n{result['pairs']} pairs -> {pairs}")

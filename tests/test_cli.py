@@ -82,6 +82,12 @@ def test_filter_errors_are_clear_and_leave_no_output(tmp_path):
 
 
 def test_demo_runs_the_bundled_sample_and_catalogues_it(fiftyone_database, tmp_path):
+    import fiftyone as fo
+
+    # The demo of another checkout catalogued its own folder under the same name: this demo replaces it.
+    elsewhere = fo.Dataset("blipdiff-demo", persistent=True)
+    elsewhere.info = {"pairs_folder": "/another/checkout/blipdiff-demo"}
+    elsewhere.save()
     environment = {k: v for k, v in os.environ.items() if k not in ("PREFECT_HOME", "PREFECT_API_URL")}
     done = blipdiff("demo", "--out", str(tmp_path / "demo"), env=environment)
     assert done.returncode == 0, done.stderr
@@ -98,8 +104,8 @@ def test_demo_runs_the_bundled_sample_and_catalogues_it(fiftyone_database, tmp_p
     assert f"3 pairs -> {demo.resolve() / 'pairs.parquet'}" in done.stdout
     assert (demo / "prefect").is_dir(), "without PREFECT_API_URL the runs live in the demo's folder"
     assert "FiftyOne dataset 'blipdiff-demo': `blipdiff app --dataset blipdiff-demo`" in done.stdout
-    import fiftyone as fo
 
     catalog = fo.load_dataset("blipdiff-demo")
+    assert catalog.info["pairs_folder"] == str(demo.resolve())
     assert sorted(catalog.values("label")) == ["Cat", "Coffee cup", "Horse"]
     assert sorted(catalog.group_slices) == ["alpha", "composite", "input", "target", "trimap"]
