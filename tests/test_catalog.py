@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import socket
@@ -240,6 +241,17 @@ def test_the_app_command_serves_the_app_on_loopback(build_folder, dataset_name):
                 assert app.poll() is None, app.stderr.read().decode()[-3000:]
                 assert time.monotonic() < deadline, "the App never answered"
                 time.sleep(1)
+        # What the App's front end asks its server for: the dataset, its slices and its saved views.
+        query = ('{ dataset(name: "%s") { defaultGroupSlice groupMediaTypes { name mediaType } '
+                 'savedViews { name } estimatedSampleCount } }' % dataset_name)
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/graphql", data=json.dumps({"query": query}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            served = json.loads(response.read())["data"]["dataset"]
+        assert served["defaultGroupSlice"] == "target"
+        assert {s["name"]: s["mediaType"] for s in served["groupMediaTypes"]} == dict.fromkeys(SLICES, "image")
+        assert {view["name"] for view in served["savedViews"]} == set(SAVED_VIEWS)
+        assert served["estimatedSampleCount"] == 3 * len(SLICES) + 2
     finally:
         os.killpg(app.pid, 15)
         app.wait(timeout=60)
