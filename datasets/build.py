@@ -26,8 +26,6 @@ import cv2
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict, Field
-
 from blipdiff.datasets.compose import background_for, list_backgrounds
 from blipdiff.datasets.decode import DEFAULT_MAX_PIXELS, DecodeFailure, decode_image
 from blipdiff.datasets.matting import (
@@ -43,6 +41,8 @@ from blipdiff.datasets.matting import (
 from blipdiff.datasets.openimages import read_subjects
 from blipdiff.infra.atomic import TEMP_PREFIX, atomic_path, write_json_atomic
 from blipdiff.infra.journal import Journal
+from blipdiff.models import DEFAULT_BLIP2, DEFAULT_CLIPSEG
+from pydantic import BaseModel, ConfigDict, Field
 
 STAGES = ("decode", "caption", "segment", "trimap", "matte", "composite")
 IMAGE_KINDS = {"target": ".jpg", "composite": ".jpg", "input": ".jpg", "alpha": ".png", "trimap": ".png"}
@@ -78,14 +78,14 @@ class BuildConfig(BaseModel):
         default=None, description="folder for pairs.parquet and rejects.parquet when not OUT (a shard's own)"
     )
     captioner: Literal["template", "blip2"] = "template"
-    caption_model: str = Field(default="Salesforce/blip2-opt-6.7b", description="BLIP-2 hub id or folder")
+    caption_model: str = Field(default=DEFAULT_BLIP2, description="BLIP-2 hub id or folder")
     clip_model: str | None = Field(default=None, description="CLIP hub id or folder to rank sampled captions")
     num_captions: int = Field(default=1, ge=1, description="captions sampled per image (the authors: 48)")
     top_p: float = Field(default=0.95, gt=0, le=1)
     min_caption_length: int = Field(default=5, ge=0)
     keep_captions: int = Field(default=5, ge=1)
     segmenter: Literal["grabcut", "clipseg"] = "grabcut"
-    segment_model: str = Field(default="CIDAS/clipseg-rd64-refined", description="CLIPSeg hub id or folder")
+    segment_model: str = Field(default=DEFAULT_CLIPSEG, description="CLIPSeg hub id or folder")
     device: str | None = Field(default=None, description="model device; default cuda when available")
     model_batch_size: int = Field(default=8, ge=1, description="images per model call")
     actors: int = Field(default=1, ge=1, description="actors per model stage")
@@ -218,72 +218,89 @@ def _write_image(path: Path, image: np.ndarray, jpeg_quality: int) -> None:
         temp.write_bytes(encoded.tobytes())
 
 
-class CaptionStage:
-    """Ray Data actor: the captioner loads once per actor and captions batches of decoded subjects."""
+class ModelStage:
+    """A Ray Data batch stage around one model: built once per actor (per batch when weight-free),
+    applied to the batch's live rows; a model error rejects every live row of the batch."""
 
-    def __init__(self, config_json: str):
+    stage: str
+    errors: tuple[type[Exception], ...]
+
+    def __init__(self, config: BuildConfig):
+        self.model = self.load(config)
+
+    @staticmethod
+    def uses_weights(config: BuildConfig) -> bool:
+        raise NotImplementedError
+
+    def load(self, config: BuildConfig):
+        raise NotImplementedError
+
+    def apply(self, rows: list[dict]) -> list[dict]:
+        """The fields this stage adds to each row."""
+        raise NotImplementedError
+
+    def __call__(self, batch: dict) -> dict:
+        rows = _rows(batch)
+        live = [i for i, row in enumerate(rows) if "reject_stage" not in row]
+        started = time.perf_counter()
+        try:
+            added = self.apply([rows[i] for i in live])
+        except self.errors as error:
+            for i in live:
+                rows[i] = _reject(rows[i], self.stage, f"{type(error).__name__}: {error}")
+            return _batch(rows)
+        each = (time.perf_counter() - started) / max(len(live), 1)
+        for i, fields in zip(live, added, strict=True):
+            rows[i] = {**rows[i], **fields, f"{self.stage}_seconds": each}
+        return _batch(rows)
+
+
+class CaptionStage(ModelStage):
+    stage = "caption"
+    errors = (RuntimeError, ValueError)
+
+    @staticmethod
+    def uses_weights(config: BuildConfig) -> bool:
+        return config.captioner != "template"
+
+    def load(self, config: BuildConfig):
         from blipdiff.models.captioners import make_captioner
 
-        config = BuildConfig.model_validate_json(config_json)
         if config.captioner == "template":
-            self.captioner = make_captioner("template")
-        else:
-            options = {"model": config.caption_model, "batch_size": config.model_batch_size,
-                       "num_captions": config.num_captions, "top_p": config.top_p,
-                       "min_length": config.min_caption_length, "keep": config.keep_captions,
-                       "clip_model": config.clip_model, "seed": config.seed}
-            if config.device:
-                options["device"] = config.device
-            self.captioner = make_captioner("blip2", **options)
+            return make_captioner("template")
+        return make_captioner(
+            "blip2", model=config.caption_model, batch_size=config.model_batch_size,
+            num_captions=config.num_captions, top_p=config.top_p, min_length=config.min_caption_length,
+            keep=config.keep_captions, clip_model=config.clip_model, seed=config.seed, device=config.device,
+        )
 
-    def __call__(self, batch: dict) -> dict:
-        rows = _rows(batch)
-        live = [i for i, row in enumerate(rows) if "reject_stage" not in row]
-        started = time.perf_counter()
-        try:
-            captions = self.captioner.caption([rows[i]["pixels"] for i in live], [rows[i]["label_name"] for i in live])
-        except (RuntimeError, ValueError) as error:
-            for i in live:
-                rows[i] = _reject(rows[i], "caption", f"{type(error).__name__}: {error}")
-            return _batch(rows)
-        each = (time.perf_counter() - started) / max(len(live), 1)
-        for i, result in zip(live, captions, strict=True):
-            rows[i] = {**rows[i], "caption": result.caption, "captions": list(result.kept), "caption_seconds": each}
-        return _batch(rows)
+    def apply(self, rows: list[dict]) -> list[dict]:
+        results = self.model.caption([row["pixels"] for row in rows], [row["label_name"] for row in rows])
+        return [{"caption": result.caption, "captions": list(result.kept)} for result in results]
 
 
-class SegmentStage:
-    """Ray Data actor: the segmenter loads once per actor and maps the subject's probability."""
+class SegmentStage(ModelStage):
+    stage = "segment"
+    errors = (RuntimeError, ValueError, cv2.error)
 
-    def __init__(self, config_json: str):
+    @staticmethod
+    def uses_weights(config: BuildConfig) -> bool:
+        return config.segmenter != "grabcut"
+
+    def load(self, config: BuildConfig):
         from blipdiff.models.segmenters import make_segmenter
 
-        config = BuildConfig.model_validate_json(config_json)
         if config.segmenter == "grabcut":
-            self.segmenter = make_segmenter("grabcut", seed=config.seed)
-        else:
-            options = {"model": config.segment_model, "batch_size": config.model_batch_size}
-            if config.device:
-                options["device"] = config.device
-            self.segmenter = make_segmenter("clipseg", **options)
+            return make_segmenter("grabcut", seed=config.seed)
+        return make_segmenter("clipseg", model=config.segment_model, batch_size=config.model_batch_size,
+                              device=config.device)
 
-    def __call__(self, batch: dict) -> dict:
-        rows = _rows(batch)
-        live = [i for i, row in enumerate(rows) if "reject_stage" not in row]
-        started = time.perf_counter()
-        try:
-            maps = self.segmenter.probabilities(
-                [rows[i]["pixels"] for i in live], [rows[i]["label_name"] for i in live],
-                [(rows[i]["x_min"], rows[i]["x_max"], rows[i]["y_min"], rows[i]["y_max"]) for i in live],
-            )
-        except (RuntimeError, ValueError, cv2.error) as error:
-            for i in live:
-                rows[i] = _reject(rows[i], "segment", f"{type(error).__name__}: {error}")
-            return _batch(rows)
-        each = (time.perf_counter() - started) / max(len(live), 1)
-        for i, probabilities in zip(live, maps, strict=True):
-            rows[i] = {**rows[i], "probabilities": probabilities.astype(np.float32), "segment_seconds": each}
-        return _batch(rows)
+    def apply(self, rows: list[dict]) -> list[dict]:
+        maps = self.model.probabilities(
+            [row["pixels"] for row in rows], [row["label_name"] for row in rows],
+            [(row["x_min"], row["x_max"], row["y_min"], row["y_max"]) for row in rows],
+        )
+        return [{"probabilities": probabilities.astype(np.float32, copy=False)} for probabilities in maps]
 
 
 # Rows travel through Ray Data as one pickled column: images of every size, maps and captions stay
@@ -317,15 +334,14 @@ def _settings_guard(config: BuildConfig) -> None:
         write_json_atomic(wanted, settings_path)
 
 
-def run_pipeline(config: BuildConfig, rows: list[dict], on_done: Callable[[dict], None]) -> None:
+def run_pipeline(config: BuildConfig, rows: list[dict], backgrounds: list[Path],
+                 on_done: Callable[[dict], None]) -> None:
     """Decode → caption → segment → finish, on Ray; ``on_done`` gets each finished row as it arrives."""
     import ray
 
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False,
                  logging_level=logging.WARNING)
-    config_json = config.model_dump_json()
-    backgrounds = list_backgrounds(config.backgrounds)
 
     def decode(row: dict) -> dict:
         return {"payload": _pack(decode_subject(pickle.loads(row["payload"]), config))}
@@ -336,17 +352,20 @@ def run_pipeline(config: BuildConfig, rows: list[dict], on_done: Callable[[dict]
             item = finish_subject(item, config, backgrounds)
         return {"payload": _pack(item)}
 
-    model_resources = {"num_cpus": config.cpus_per_actor, "num_gpus": config.gpus_per_actor or None,
-                       "compute": ray.data.ActorPoolStrategy(size=config.actors)}
-    dataset = (
-        ray.data.from_items([{"payload": _pack(row)} for row in rows], override_num_blocks=max(1, min(len(rows), 64)))
-        .map(decode)
-        .map_batches(CaptionStage, fn_constructor_args=(config_json,), batch_size=config.model_batch_size,
-                     batch_format="numpy", **model_resources)
-        .map_batches(SegmentStage, fn_constructor_args=(config_json,), batch_size=config.model_batch_size,
-                     batch_format="numpy", **model_resources)
-        .map(finish)
-    )
+    def stage(dataset, stage_class: type[ModelStage]):
+        if stage_class.uses_weights(config):
+            # A model loads once per actor; actors take a fraction of a CPU so that they never starve tasks.
+            return dataset.map_batches(
+                stage_class, fn_constructor_args=(config,), batch_size=config.model_batch_size,
+                batch_format="numpy", num_cpus=config.cpus_per_actor, num_gpus=config.gpus_per_actor or None,
+                compute=ray.data.ActorPoolStrategy(size=config.actors),
+            )
+        # Weight-free stages cost nothing to build: plain tasks, as many as the CPUs allow, no GPU.
+        return dataset.map_batches(lambda batch: stage_class(config)(batch), batch_size=config.model_batch_size,
+                                   batch_format="numpy")
+
+    items = ray.data.from_items([{"payload": _pack(row)} for row in rows], override_num_blocks=max(1, min(len(rows), 64)))
+    dataset = stage(stage(items.map(decode), CaptionStage), SegmentStage).map(finish)
     for row in dataset.iter_rows():
         on_done(pickle.loads(row["payload"]))
 
@@ -354,7 +373,7 @@ def run_pipeline(config: BuildConfig, rows: list[dict], on_done: Callable[[dict]
 def build_pairs(config: BuildConfig, progress: Callable[[int, int], None] | None = None) -> BuildSummary:
     """Build every subject's pair into ``config.out``; finished subjects of earlier runs are skipped."""
     subjects = read_subjects(config.subjects)
-    list_backgrounds(config.backgrounds)
+    backgrounds = list_backgrounds(config.backgrounds)
     config.out.mkdir(parents=True, exist_ok=True)
     _settings_guard(config)
     for kind in IMAGE_KINDS:
@@ -381,7 +400,7 @@ def build_pairs(config: BuildConfig, progress: Callable[[int, int], None] | None
             progress(done, len(rows))
 
     if rows:
-        run_pipeline(config, rows, on_done)
+        run_pipeline(config, rows, backgrounds, on_done)
     entries = [finished[i] for i in sorted(set(wanted["image_id"]) & set(finished))]
     return _write_outputs(config.manifest_folder, entries, skipped)
 

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from blipdiff.models import DEFAULT_BLIP2, DEFAULT_CLIPSEG
 
 app = typer.Typer(
     name="blipdiff",
@@ -91,11 +92,11 @@ def build_command(
     backgrounds: Annotated[Path, typer.Option(help="Folder of background photos.")],
     out: Annotated[Path, typer.Option(help="Output folder: pairs.parquet, rejects.parquet, image files.")],
     captioner: Annotated[str, typer.Option(help="template (weight-free) or blip2.")] = "template",
-    caption_model: Annotated[str, typer.Option(help="BLIP-2 hub id or local folder.")] = "Salesforce/blip2-opt-6.7b",
+    caption_model: Annotated[str, typer.Option(help="BLIP-2 hub id or local folder.")] = DEFAULT_BLIP2,
     clip_model: Annotated[str | None, typer.Option(help="CLIP hub id or folder that ranks sampled captions.")] = None,
     num_captions: Annotated[int, typer.Option(help="Captions sampled per image (the authors: 48).")] = 1,
     segmenter: Annotated[str, typer.Option(help="grabcut (weight-free) or clipseg.")] = "grabcut",
-    segment_model: Annotated[str, typer.Option(help="CLIPSeg hub id or local folder.")] = "CIDAS/clipseg-rd64-refined",
+    segment_model: Annotated[str, typer.Option(help="CLIPSeg hub id or local folder.")] = DEFAULT_CLIPSEG,
     device: Annotated[str | None, typer.Option(help="Model device (default: cuda when available).")] = None,
     actors: Annotated[int, typer.Option(help="Actors per model stage.")] = 1,
     gpus_per_actor: Annotated[float, typer.Option(help="GPUs per model actor.")] = 0.0,

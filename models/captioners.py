@@ -22,12 +22,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
+from blipdiff.models import DEFAULT_BLIP2
 
 if TYPE_CHECKING:
     import torch
     from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
-DEFAULT_BLIP2 = "Salesforce/blip2-opt-6.7b"
 DEFAULT_TEMPLATE = "a photo of a {label}"
 DTYPES = ("float16", "bfloat16", "float32")
 

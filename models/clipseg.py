@@ -10,13 +10,17 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
-
-from blipdiff.models.captioners import check_images, check_labels, resolve_device, resolve_dtype
+from blipdiff.models import DEFAULT_CLIPSEG
+from blipdiff.models.captioners import (
+    check_images,
+    check_labels,
+    resolve_device,
+    resolve_dtype,
+)
 
 if TYPE_CHECKING:
     from transformers import CLIPSegForImageSegmentation, CLIPSegProcessor
 
-DEFAULT_CLIPSEG = "CIDAS/clipseg-rd64-refined"
 
 Box = tuple[float, float, float, float]
 

@@ -10,7 +10,6 @@ from typing import Protocol
 
 import cv2
 import numpy as np
-
 from blipdiff.datasets.matting import box_in_pixels
 
 Box = tuple[float, float, float, float]

@@ -202,7 +202,7 @@ def test_a_folder_never_mixes_two_builds(ray_cluster, dataset, built):
         build_pairs(config_for(dataset, built, seed=5))
 
 
-def test_model_backends_load_from_folders_like_real_weights(ray_cluster, dataset, tmp_path):
+def test_model_backends_load_from_folders_like_real_weights(ray_cluster, dataset, built, tmp_path):
     """BLIP-2 and CLIPSeg, as tiny random models saved to folders, run through the same build."""
     pytest.importorskip("torch")
     from tiny_models import save_tiny_blip2, save_tiny_clipseg
@@ -227,6 +227,8 @@ def test_model_backends_load_from_folders_like_real_weights(ray_cluster, dataset
     for pair in pairs:
         assert isinstance(pair["caption"], str) and pair["caption"] == pair["captions"][0]
         assert pair["caption"] != f"a photo of a {pair['label_name'].lower()}"
+        # CLIPSeg's map, not GrabCut's, decided the matte.
+        assert (out / pair["alpha_path"]).read_bytes() != (built / pair["alpha_path"]).read_bytes()
 
 
 def test_images_come_from_a_fetch_manifest_or_a_plain_folder(tmp_path):
