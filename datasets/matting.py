@@ -240,23 +240,28 @@ class FolderMatteReport(BaseModel):
     failed: dict[str, str] = {}
 
 
-def read_box_csv(path: Path) -> dict[str, tuple[float, float, float, float]]:
-    """`name,x_min,x_max,y_min,y_max` (normalised; a header row is optional) → boxes by file name."""
+def read_box_csv(path: Path) -> tuple[dict[str, tuple[float, float, float, float]], dict[str, str]]:
+    """`name,x_min,x_max,y_min,y_max[,label]` (normalised; a header row is optional) → (boxes by file
+    name, class names by file name for the rows that have one: CLIPSeg's prompts)."""
     boxes: dict[str, tuple[float, float, float, float]] = {}
+    labels: dict[str, str] = {}
     with open(path, newline="", encoding="utf-8") as handle:
         for line_number, row in enumerate(csv.reader(handle), start=1):
             if not row or (line_number == 1 and row[0].strip().lower() == "name"):
                 continue
-            if len(row) != 5:
-                raise ValueError(f"{path}:{line_number}: expected name,x_min,x_max,y_min,y_max")
+            if len(row) not in (5, 6):
+                raise ValueError(f"{path}:{line_number}: expected name,x_min,x_max,y_min,y_max[,label]")
             try:
-                x_min, x_max, y_min, y_max = (float(v) for v in row[1:])
+                x_min, x_max, y_min, y_max = (float(v) for v in row[1:5])
             except ValueError as error:
                 raise ValueError(f"{path}:{line_number}: {error}") from error
             if not (0 <= x_min < x_max <= 1 and 0 <= y_min < y_max <= 1):
-                raise ValueError(f"{path}:{line_number}: box {row[1:]} is not inside [0, 1] with min < max")
-            boxes[row[0].strip()] = (x_min, x_max, y_min, y_max)
-    return boxes
+                raise ValueError(f"{path}:{line_number}: box {row[1:5]} is not inside [0, 1] with min < max")
+            name = row[0].strip()
+            boxes[name] = (x_min, x_max, y_min, y_max)
+            if len(row) == 6 and row[5].strip():
+                labels[name] = row[5].strip()
+    return boxes, labels
 
 
 def matte_folder(
@@ -265,13 +270,15 @@ def matte_folder(
     trimaps: Path | None = None,
     boxes: dict[str, tuple[float, float, float, float]] | None = None,
     segmenter: Segmenter | None = None,
+    labels: dict[str, str] | None = None,
     matting: MattingConfig = MattingConfig(working_long_side=None),
     trimap: TrimapConfig = TrimapConfig(),
 ) -> FolderMatteReport:
     """Matte every image in ``images`` into ``out`` as an 8-bit PNG alpha of the same file name.
 
     With ``trimaps``, the same-named trimap is used; with ``boxes``, ``segmenter`` maps the subject
-    in its box and a trimap is made from that map.
+    in its box (prompted with its name in ``labels``, which a text-prompted segmenter needs) and a
+    trimap is made from that map.
     """
     if (trimaps is None) == (boxes is None):
         raise ValueError("give either trimaps or boxes")
@@ -292,7 +299,8 @@ def matte_folder(
                     raise MattingError("no box for this image in the box CSV")
                 box = boxes[path.name]
                 height, width = pixels.shape[:2]
-                probabilities = segmenter.probabilities([pixels], [""], [box])[0]
+                label = (labels or {}).get(path.name, "")
+                probabilities = segmenter.probabilities([pixels], [label], [box])[0]
                 tri = make_trimap(probabilities, box_in_pixels(box, width, height), trimap)
             alpha, _ = pull_matte(pixels, tri, matting, with_foreground=False)
         except (DecodeFailure, MattingError) as error:

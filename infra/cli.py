@@ -135,8 +135,12 @@ def matte_command(
     images: Annotated[Path, typer.Option(help="Folder of images to matte.")],
     out: Annotated[Path, typer.Option(help="Folder for the 8-bit PNG alphas (same file names).")],
     trimaps: Annotated[Path | None, typer.Option(help="Folder of same-named trimaps (0, 128, 255).")] = None,
-    boxes: Annotated[Path | None, typer.Option(help="CSV name,x_min,x_max,y_min,y_max (normalised).")] = None,
+    boxes: Annotated[
+        Path | None,
+        typer.Option(help="CSV name,x_min,x_max,y_min,y_max[,label] (normalised; clipseg needs the label)."),
+    ] = None,
     segmenter: Annotated[str, typer.Option(help="With --boxes: grabcut (weight-free) or clipseg.")] = "grabcut",
+    segment_model: Annotated[str, typer.Option(help="With clipseg: hub id or local folder.")] = DEFAULT_CLIPSEG,
     working_long_side: Annotated[
         int | None, typer.Option(help="Solve at this long side and scale back (default: full resolution).")
     ] = None,
@@ -148,12 +152,16 @@ def matte_command(
     if (trimaps is None) == (boxes is None):
         raise _fail("give exactly one of --trimaps and --boxes")
     try:
+        box_rows, labels = read_box_csv(boxes) if boxes else (None, None)
+        if segmenter == "clipseg" and set(box_rows or ()) - set(labels or ()):
+            raise ValueError("clipseg is prompted with each image's class name: give every row of --boxes a label column")
+        options = {"model": segment_model} if segmenter == "clipseg" else {}
         report = matte_folder(
-            images, out, trimaps=trimaps, boxes=read_box_csv(boxes) if boxes else None,
-            segmenter=make_segmenter(segmenter) if boxes else None,
+            images, out, trimaps=trimaps, boxes=box_rows, labels=labels,
+            segmenter=make_segmenter(segmenter, **options) if boxes else None,
             matting=MattingConfig(working_long_side=working_long_side),
         )
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, OSError) as error:
         raise _fail(str(error)) from error
     typer.echo(f"{len(report.written)} mattes -> {out}")
     for name, reason in report.failed.items():

@@ -148,3 +148,25 @@ def test_a_bad_box_csv_is_a_clear_error(alphamatting, tmp_path):
     done = subprocess.run([str(BLIPDIFF), "matte", "--images", str(alphamatting["images"]), "--boxes", str(boxes),
                            "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "not inside [0, 1] with min < max" in done.stderr
+
+
+def test_matte_command_with_clipseg_prompts_with_the_label_column(alphamatting, tmp_path):
+    pytest.importorskip("torch")
+    from tiny_models import save_tiny_clipseg
+
+    images = tmp_path / "images"
+    images.mkdir()
+    shutil.copy(alphamatting["images"] / "GT01.png", images / "GT01.png")
+    box = ground_truth_box(truth(alphamatting, "GT01"))
+    unlabelled = tmp_path / "unlabelled.csv"
+    unlabelled.write_text("GT01.png," + ",".join(map(str, box)) + "\n")
+    command = [str(BLIPDIFF), "matte", "--images", str(images), "--segmenter", "clipseg",
+               "--segment-model", str(save_tiny_clipseg(tmp_path / "clipseg")), "--out", str(tmp_path / "o")]
+    done = subprocess.run([*command, "--boxes", str(unlabelled)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "give every row of --boxes a label column" in done.stderr
+
+    labelled = tmp_path / "labelled.csv"
+    labelled.write_text("name,x_min,x_max,y_min,y_max,label\nGT01.png," + ",".join(map(str, box)) + ",toy\n")
+    done = subprocess.run([*command, "--boxes", str(labelled)], capture_output=True, text=True, timeout=300)
+    # A random CLIPSeg sees no subject, so the image gets the matting verdict on its map, not a crash.
+    assert done.returncode == 1 and "failed: GT01.png: trimap has no foreground" in done.stderr, done.stderr[-3000:]
