@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from blipdiff.datasets.compose import background_for, list_backgrounds
-from blipdiff.datasets.decode import DEFAULT_MAX_PIXELS, DecodeFailure, decode_image
+from blipdiff.datasets.decode import DEFAULT_MAX_PIXELS, MAX_DECODABLE_PIXELS, DecodeFailure, decode_image
 from blipdiff.datasets.matting import (
     TRIMAP_UNKNOWN,
     MattingConfig,
@@ -94,7 +94,7 @@ class BuildConfig(BaseModel):
     trimap: TrimapConfig = TrimapConfig()
     matting: MattingConfig = MattingConfig()
     seed: int = 0
-    max_pixels: int = Field(default=DEFAULT_MAX_PIXELS, gt=0)
+    max_pixels: int = Field(default=DEFAULT_MAX_PIXELS, gt=0, le=MAX_DECODABLE_PIXELS)
     max_aspect: float = Field(default=2.0, gt=1)
     jpeg_quality: int = Field(default=95, ge=1, le=100)
 

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb threshold
+DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS  # Pillow's own decompression-bomb threshold
+# Pillow refuses to open anything larger (DecompressionBombError); between the two it only warns, and
+# the configured limit decides.
+MAX_DECODABLE_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
 EXIF_ORIENTATION = 0x0112
 _HTML_STARTS = (b"<!doctype html", b"<html", b"<?xml", b"<head", b"<body")
 
@@ -62,10 +64,8 @@ def _open_checked(path: Path, max_pixels: int) -> Image.Image:
     if head.lstrip().lower().startswith(_HTML_STARTS):
         raise DecodeFailure("HTML page instead of an image")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(path)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        image = Image.open(path)
+    except Image.DecompressionBombError as error:
         raise DecodeFailure(f"decompression bomb: {error}") from error
     except UnidentifiedImageError as error:
         raise DecodeFailure("not an image Pillow can identify") from error

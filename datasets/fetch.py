@@ -34,7 +34,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from blipdiff.datasets.decode import DEFAULT_MAX_PIXELS, DecodeFailure, inspect_image
+from blipdiff.datasets.decode import DEFAULT_MAX_PIXELS, MAX_DECODABLE_PIXELS, DecodeFailure, inspect_image
 from blipdiff.infra.atomic import atomic_path
 from blipdiff.infra.journal import Journal
 
@@ -70,7 +70,7 @@ class FetchConfig(BaseModel):
     backoff: float = Field(default=1.0, ge=0, description="seconds before the first retry, doubled each time")
     workers: int = Field(default=16, ge=1, description="downloads in flight (per Ray task on a cluster)")
     max_bytes: int = Field(default=64 << 20, gt=0, description="largest file accepted")
-    max_pixels: int = Field(default=DEFAULT_MAX_PIXELS, gt=0, description="largest image accepted (decompression bombs)")
+    max_pixels: int = Field(default=DEFAULT_MAX_PIXELS, gt=0, le=MAX_DECODABLE_PIXELS, description="largest image accepted (decompression bombs)")
     ray: bool | None = Field(default=None, description="fan out through Ray; default: when RAY_ADDRESS is set")
     ray_shard: int = Field(default=256, ge=1, description="images per Ray task")
 
