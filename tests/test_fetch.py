@@ -97,6 +97,7 @@ def test_faults_are_rejected_with_reasons_and_healthy_images_arrive_intact(tmp_p
         "not-an-image": ("decode", "not an image Pillow can identify"),
     }
     assert by_fault["drop-mid-body"][1].startswith("connection broke mid-response")
+    assert by_fault["long-content-length"][1].startswith("connection broke mid-response")
     assert "(3 tries)" in by_fault["drop-mid-body"][1] and "(3 tries)" in by_fault["long-content-length"][1]
     assert "truncated" in by_fault["short-content-length"][1]
     invalid = {i: r for i, r in rejects(out).items() if i not in photos}
@@ -237,8 +238,19 @@ def test_images_csv_urls_and_md5(tmp_path, photos):
         assert {r["image_id"] for r in manifest(thumbs)} == {ids[0], ids[1], ids[3]}
 
 
-def test_ray_fan_out_gives_the_same_manifest(tmp_path, photos):
+def test_ray_fan_out_gives_the_same_manifest(tmp_path, photos, monkeypatch):
     ray = pytest.importorskip("ray")
+    from blipdiff.datasets import fetch
+
+    in_this_process = []
+    threads = fetch.run_jobs
+
+    def recorded(config, jobs, on_done):
+        in_this_process.append(config.out.name)
+        return threads(config, jobs, on_done)
+
+    # Ray's workers import the module afresh: only a run that stays in this process is recorded.
+    monkeypatch.setattr(fetch, "run_jobs", recorded)
     ids = sorted(photos)[:12]
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
@@ -253,6 +265,35 @@ def test_ray_fan_out_gives_the_same_manifest(tmp_path, photos):
     for name in ("images.parquet", "rejects.parquet"):
         assert (tmp_path / "ray" / name).read_bytes() == (tmp_path / "threads" / name).read_bytes()
     assert len(manifest(tmp_path / "ray")) == 11
+    assert in_this_process == ["threads"], "the Ray run should do its downloads in Ray's workers"
+
+
+def test_a_deleted_or_truncated_image_is_fetched_again_and_size_limits_hold(tmp_path, photos):
+    ids = sorted(photos)[:3]
+    source = tmp_path / "mine"
+    source.mkdir()
+    for image_id in ids:
+        (source / f"{image_id}.jpg").write_bytes(photos[image_id])
+    subjects = write_subjects(tmp_path / "s.parquet", ids)
+    out = tmp_path / "out"
+    fetch_images(FetchConfig(subjects=subjects, out=out, from_dir=source))
+    paths = {r["image_id"]: out / r["path"] for r in manifest(out)}
+    paths[ids[0]].unlink()
+    paths[ids[1]].write_bytes(photos[ids[1]][:100])
+    again = fetch_images(FetchConfig(subjects=subjects, out=out, from_dir=source))
+    assert (again.fetched, again.skipped) == (2, 1)
+    assert_images_identical(out, photos, ids)
+
+    small = min(len(photos[i]) for i in ids) - 1
+    limited = fetch_images(FetchConfig(subjects=subjects, out=tmp_path / "small", from_dir=source, max_bytes=small))
+    assert limited.fetched == 0
+    assert {reason for _, reason in rejects(tmp_path / "small").values()} == {
+        f"{len(photos[i])} bytes exceeds the {small}-byte limit" for i in ids}
+    with ImageServer(photos) as server:
+        fetch_images(FetchConfig(subjects=subjects, out=tmp_path / "served", url_template=server.url_template,
+                                 max_bytes=small, backoff=0.01))
+    assert {reason for _, reason in rejects(tmp_path / "served").values()} == {
+        f"Content-Length {len(photos[i])} exceeds the {small}-byte limit" for i in ids}
 
 
 @pytest.mark.parametrize(
