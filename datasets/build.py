@@ -39,14 +39,13 @@ from blipdiff.datasets.matting import (
     pull_matte,
 )
 from blipdiff.datasets.openimages import read_subjects
-from blipdiff.infra.atomic import TEMP_PREFIX, atomic_path, write_json_atomic
-from blipdiff.infra.journal import Journal
+from blipdiff.infra.atomic import atomic_path, remove_stale_temporaries, write_json_atomic
+from blipdiff.infra.journal import JOURNAL_NAME, Journal
 from blipdiff.models import DEFAULT_BLIP2, DEFAULT_CLIPSEG
 from pydantic import BaseModel, ConfigDict, Field
 
 STAGES = ("decode", "caption", "segment", "trimap", "matte", "composite")
 IMAGE_KINDS = {"target": ".jpg", "composite": ".jpg", "input": ".jpg", "alpha": ".png", "trimap": ".png"}
-JOURNAL = "journal.jsonl"
 SETTINGS = "build.json"
 PAIR_FIELDS = [
     ("image_id", pa.string()), ("label_mid", pa.string()), ("label_name", pa.string()),
@@ -376,10 +375,12 @@ def build_pairs(config: BuildConfig, progress: Callable[[int, int], None] | None
     backgrounds = list_backgrounds(config.backgrounds)
     config.out.mkdir(parents=True, exist_ok=True)
     _settings_guard(config)
+    # A killed run's half-written files: images, and the manifests.
     for kind in IMAGE_KINDS:
-        for leftover in (config.out / kind).glob(f"*/{TEMP_PREFIX}*"):
-            leftover.unlink(missing_ok=True)  # a killed run's half-written file
-    journal = Journal(config.out / JOURNAL)
+        remove_stale_temporaries(config.out / kind, below="*/")
+    remove_stale_temporaries(config.out)
+    remove_stale_temporaries(config.manifest_folder)
+    journal = Journal(config.out / JOURNAL_NAME)
     finished = {entry["image_id"]: entry for entry in journal.load() if "image_id" in entry}
     wanted = subjects[~subjects["image_id"].duplicated()]
     paths = image_paths(config.images, list(wanted["image_id"]))

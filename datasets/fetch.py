@@ -35,8 +35,8 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from blipdiff.datasets.decode import DEFAULT_MAX_PIXELS, MAX_DECODABLE_PIXELS, DecodeFailure, inspect_image
-from blipdiff.infra.atomic import atomic_path
-from blipdiff.infra.journal import Journal
+from blipdiff.infra.atomic import atomic_path, remove_stale_temporaries
+from blipdiff.infra.journal import JOURNAL_NAME, Journal
 
 IMAGE_ID_PATTERN = re.compile(r"^[0-9a-f]{16}\Z")
 DEFAULT_URL_TEMPLATE = "https://open-images-dataset.s3.amazonaws.com/{split}/{image_id}.jpg"
@@ -48,7 +48,6 @@ IMAGES_SCHEMA = pa.schema([
     ("bytes", pa.int64()), ("md5", pa.string()), ("source", pa.string()),
 ])
 REJECTS_SCHEMA = pa.schema([("image_id", pa.string()), ("stage", pa.string()), ("reason", pa.string())])
-JOURNAL = "journal.jsonl"
 PARTIAL = ".partial"
 CHUNK_BYTES = 1 << 16
 
@@ -395,8 +394,9 @@ def fetch_images(config: FetchConfig, progress: Callable[[int, int], None] | Non
     valid = [i for i in ids if IMAGE_ID_PATTERN.match(i)]
     out.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(out / PARTIAL, ignore_errors=True)
+    remove_stale_temporaries(out)  # a manifest half-written by a killed run
 
-    journal = Journal(out / JOURNAL)
+    journal = Journal(out / JOURNAL_NAME)
     done = _already_done(out, valid, _journal_records(journal))
     records: dict[str, ImageRecord] = {}
     jobs, source_rejects = plan(config, [i for i in valid if i not in done])

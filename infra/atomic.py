@@ -38,11 +38,12 @@ def write_json_atomic(data: Any, target: Path) -> None:
         temp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
 
 
-def remove_stale_temporaries(folder: Path) -> int:
-    """Delete temporaries that an interrupted run left in ``folder``; return how many."""
+def remove_stale_temporaries(folder: Path, below: str = "") -> int:
+    """Delete temporaries that an interrupted run left in ``folder`` (or in its subfolders matching
+    the glob ``below``, such as ``"*/"``); return how many."""
     removed = 0
     if folder.is_dir():
-        for leftover in folder.glob(f"{TEMP_PREFIX}*"):
+        for leftover in folder.glob(f"{below}{TEMP_PREFIX}*"):
             if leftover.is_file():
                 leftover.unlink(missing_ok=True)
                 removed += 1

@@ -1,20 +1,21 @@
 """Append-only JSON-lines journals: each finished unit of work is one line, written as it completes.
 
 A kill -9 can tear at most the last line, which reading skips; everything before it survives, so a
-rerun knows exactly what is finished.
+rerun knows exactly what is finished. A journal is appended from one thread: the stages call it from
+the thread that collects their results.
 """
 
 from __future__ import annotations
 
 import json
-import threading
 from pathlib import Path
+
+JOURNAL_NAME = "journal.jsonl"
 
 
 class Journal:
     def __init__(self, path: Path):
         self.path = Path(path)
-        self._lock = threading.Lock()
 
     def load(self) -> list[dict]:
         entries: list[dict] = []
@@ -32,5 +33,5 @@ class Journal:
 
     def append(self, entry: dict) -> None:
         line = json.dumps(entry, separators=(",", ":")) + "\n"
-        with self._lock, open(self.path, "a", encoding="utf-8") as handle:
+        with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(line)
