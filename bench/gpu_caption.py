@@ -32,6 +32,8 @@ import numpy as np
 from benchmark_record import ROOT, host, record
 from PIL import Image
 
+from blipdiff.models import DEFAULT_BLIP2
+
 if TYPE_CHECKING:
     import torch
     from transformers import Blip2Config, GPT2Tokenizer
@@ -219,50 +221,79 @@ def random_captioner(tiny: bool, device: torch.device, dtype: torch.dtype) -> An
     return Blip2Captioner.from_modules(network, processor)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="Salesforce/blip2-opt-6.7b", help="hub id or folder of real weights")
+def throughput_parser(doc: str, model: str, batch_sizes: list[int]) -> argparse.ArgumentParser:
+    """The options every model-throughput benchmark shares."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=model, help="hub id or folder of real weights")
     parser.add_argument("--tiny", action="store_true", help="a tiny random model (smoke run, e.g. on the CPU)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"],
                         help="default: float16 on CUDA, float32 on the CPU")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 8, 16, 32])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=batch_sizes)
     parser.add_argument("--warmup", type=int, default=2, help="untimed batches per batch size")
     parser.add_argument("--batches", type=int, default=5, help="timed batches per batch size")
-    parser.add_argument("--max-new-tokens", type=int, default=30)
-    parser.add_argument("--num-captions", type=int, default=1, help="more than 1: the sampled variant")
     parser.add_argument("--pool", type=int, default=32, help="distinct photos to cycle through")
     parser.add_argument("--photos", type=Path, default=DREAMBENCH, help="DreamBench dataset folder")
     parser.add_argument("--no-record", action="store_true", help="do not append to docs/benchmarks.md")
+    return parser
+
+
+def parse_throughput_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
     args = parser.parse_args()
     if min(args.batch_sizes) < 1 or args.batches < 1 or args.warmup < 0:
         parser.error("batch sizes and --batches must be at least 1, --warmup at least 0")
+    return args
+
+
+def ready_model(args: argparse.Namespace, device: Any, dtype: Any, real: Callable[[], Any],
+                random: Callable[[], Any]) -> tuple[Any, str]:
+    """The real weights when they are on disk (and not --tiny), else random ones; and which it is."""
+    started = time.perf_counter()
+    if not args.tiny and real_weights(args.model):
+        base, weights = real(), f"real weights ({args.model})"
+    else:
+        base = random()
+        weights = "random weights, " + ("tiny test layout" if args.tiny else "the real architecture")
+    print(f"model ready in {time.perf_counter() - started:.1f} s: {weights}, {device}, {dtype_name(dtype)}",
+          flush=True)
+    return base, weights
+
+
+def sweep_batch_sizes(run_for: Callable[[int], Callable], images: list, labels: list[str],
+                      args: argparse.Namespace, device: Any) -> str:
+    """Measure ``run_for(batch_size)`` at every batch size; the markdown table of the results."""
+    measurements = []
+    for batch_size in args.batch_sizes:
+        measurement = measure(run_for(batch_size), images, labels, batch_size, args.warmup, args.batches, device)
+        measurements.append(measurement)
+        print(measurement.row(), flush=True)
+    result = table(measurements)
+    print(result)
+    return result
+
+
+def main() -> None:
+    parser = throughput_parser(__doc__, DEFAULT_BLIP2, [1, 4, 8, 16, 32])
+    parser.add_argument("--max-new-tokens", type=int, default=30)
+    parser.add_argument("--num-captions", type=int, default=1, help="more than 1: the sampled variant")
+    args = parse_throughput_args(parser)
 
     from blipdiff.models.captioners import Blip2Captioner
 
     device, dtype = resolve(args.device, args.dtype)
     images, labels = load_photos(args.photos, args.pool)
-    started = time.perf_counter()
-    if not args.tiny and real_weights(args.model):
-        base = Blip2Captioner(model=args.model, device=str(device), dtype=dtype_name(dtype))
-        weights = f"real weights ({args.model})"
-    else:
-        base = random_captioner(args.tiny, device, dtype)
-        weights = "random weights, " + ("tiny test layout" if args.tiny else "the real architecture")
-    print(f"model ready in {time.perf_counter() - started:.1f} s: {weights}, {device}, {dtype_name(dtype)}",
-          flush=True)
+    base, weights = ready_model(
+        args, device, dtype, real=lambda: Blip2Captioner(model=args.model, device=str(device), dtype=dtype_name(dtype)),
+        random=lambda: random_captioner(args.tiny, device, dtype),
+    )
+
+    def run_for(batch_size: int) -> Callable:
+        return Blip2Captioner.from_modules(base.network, base.processor, batch_size=batch_size,
+                                           max_new_tokens=args.max_new_tokens, num_captions=args.num_captions,
+                                           min_length=min(5, args.max_new_tokens)).caption
 
     mode = "greedy" if args.num_captions == 1 else f"{args.num_captions} nucleus-sampled captions per image"
-    measurements = []
-    for batch_size in args.batch_sizes:
-        captioner = Blip2Captioner.from_modules(base.network, base.processor, batch_size=batch_size,
-                                                max_new_tokens=args.max_new_tokens, num_captions=args.num_captions,
-                                                min_length=min(5, args.max_new_tokens))
-        measurement = measure(captioner.caption, images, labels, batch_size, args.warmup, args.batches, device)
-        measurements.append(measurement)
-        print(measurement.row(), flush=True)
-    result = table(measurements)
-    print(result)
+    result = sweep_batch_sizes(run_for, images, labels, args, device)
     print(f"first caption: {base.caption(images[:1], labels[:1])[0].caption!r}")
     if not args.no_record:
         name = "tiny BLIP-2" if args.tiny else "BLIP-2 OPT-6.7b"

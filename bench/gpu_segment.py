@@ -17,23 +17,23 @@ upsampling of every map to its photo's own size count. Timing, peak memory and r
 
 from __future__ import annotations
 
-import argparse
-import time
-from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from benchmark_record import record
 from gpu_caption import (
-    DREAMBENCH,
     dtype_name,
     load_photos,
     machine,
-    measure,
+    parse_throughput_args,
     placeholder_vocab,
-    real_weights,
+    ready_model,
     resolve,
-    table,
+    sweep_batch_sizes,
+    throughput_parser,
 )
+
+from blipdiff.models import DEFAULT_CLIPSEG
 
 if TYPE_CHECKING:
     import torch
@@ -81,7 +81,7 @@ def clipseg_config(tiny: bool, tokenizer: CLIPTokenizer) -> CLIPSegConfig:
                          use_complex_transposed_convolution=True)
 
 
-def random_segmenter(tiny: bool, device: torch.device, dtype: torch.dtype, batch_size: int) -> Any:
+def random_segmenter(tiny: bool, device: torch.device, dtype: torch.dtype) -> Any:
     """A ClipSegSegmenter over random weights built straight on ``device`` (``from_modules``)."""
     import torch
     from transformers import CLIPSegForImageSegmentation, CLIPSegProcessor, ViTImageProcessor
@@ -97,52 +97,31 @@ def random_segmenter(tiny: bool, device: torch.device, dtype: torch.dtype, batch
     with torch.device(device):
         network = CLIPSegForImageSegmentation._from_config(clipseg_config(tiny, tokenizer), dtype=dtype)
     processor = CLIPSegProcessor(image_processor=image_processor, tokenizer=tokenizer)
-    return ClipSegSegmenter.from_modules(network, processor, batch_size=batch_size)
+    return ClipSegSegmenter.from_modules(network, processor)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="CIDAS/clipseg-rd64-refined", help="hub id or folder of real weights")
-    parser.add_argument("--tiny", action="store_true", help="a tiny random model (smoke run, e.g. on the CPU)")
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"],
-                        help="default: float16 on CUDA, float32 on the CPU")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 16, 32, 64])
-    parser.add_argument("--warmup", type=int, default=2, help="untimed batches per batch size")
-    parser.add_argument("--batches", type=int, default=5, help="timed batches per batch size")
-    parser.add_argument("--pool", type=int, default=32, help="distinct photos to cycle through")
-    parser.add_argument("--photos", type=Path, default=DREAMBENCH, help="DreamBench dataset folder")
-    parser.add_argument("--no-record", action="store_true", help="do not append to docs/benchmarks.md")
-    args = parser.parse_args()
-    if min(args.batch_sizes) < 1 or args.batches < 1 or args.warmup < 0:
-        parser.error("batch sizes and --batches must be at least 1, --warmup at least 0")
+    args = parse_throughput_args(throughput_parser(__doc__, DEFAULT_CLIPSEG, [1, 8, 16, 32, 64]))
 
     from blipdiff.models.clipseg import ClipSegSegmenter
 
     device, dtype = resolve(args.device, args.dtype)
     images, labels = load_photos(args.photos, args.pool)
-    started = time.perf_counter()
-    if not args.tiny and real_weights(args.model):
-        base = ClipSegSegmenter(model=args.model, device=str(device), dtype=dtype_name(dtype))
-        weights = f"real weights ({args.model})"
-    else:
-        base = random_segmenter(args.tiny, device, dtype, batch_size=1)
-        weights = "random weights, " + ("tiny test layout" if args.tiny else "the real architecture")
-    print(f"model ready in {time.perf_counter() - started:.1f} s: {weights}, {device}, {dtype_name(dtype)}",
-          flush=True)
+    base, weights = ready_model(
+        args, device, dtype,
+        real=lambda: ClipSegSegmenter(model=args.model, device=str(device), dtype=dtype_name(dtype)),
+        random=lambda: random_segmenter(args.tiny, device, dtype),
+    )
 
-    measurements = []
-    for batch_size in args.batch_sizes:
+    def run_for(batch_size: int) -> Callable:
         segmenter = ClipSegSegmenter.from_modules(base.network, base.processor, batch_size=batch_size)
 
-        def run(batch: list, names: list[str], segmenter: ClipSegSegmenter = segmenter) -> None:
+        def run(batch: list, names: list[str]) -> None:
             segmenter.probabilities(batch, names, [(0.0, 1.0, 0.0, 1.0)] * len(batch))
 
-        measurement = measure(run, images, labels, batch_size, args.warmup, args.batches, device)
-        measurements.append(measurement)
-        print(measurement.row(), flush=True)
-    result = table(measurements)
-    print(result)
+        return run
+
+    result = sweep_batch_sizes(run_for, images, labels, args, device)
     (first,) = base.probabilities(images[:1], labels[:1], [(0.0, 1.0, 0.0, 1.0)])
     print(f"first map: {first.shape} {first.dtype}, mean {first.mean():.3f} (photo {images[0].shape[:2]})")
     if not args.no_record:

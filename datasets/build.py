@@ -125,7 +125,8 @@ def image_paths(images: Path, ids: list[str]) -> dict[str, Path]:
     return {i: Path(images) / f"{i}.jpg" for i in ids}
 
 
-def _relative(kind: str, image_id: str) -> str:
+def relative_path(kind: str, image_id: str) -> str:
+    """Where a pair's image of ``kind`` lives inside the build folder."""
     return f"{kind}/{image_id[:2]}/{image_id}{IMAGE_KINDS[kind]}"
 
 
@@ -191,14 +192,14 @@ def finish_subject(row: dict, config: BuildConfig, backgrounds: list[Path]) -> d
         "trimap": trimap,
     }
     for kind, image in images.items():
-        _write_image(config.out / _relative(kind, image_id), image, config.jpeg_quality)
+        _write_image(config.out / relative_path(kind, image_id), image, config.jpeg_quality)
     seconds["composite"] = time.perf_counter() - started
 
     return {
         "image_id": image_id, "label_mid": row["label_mid"], "label_name": row["label_name"],
         "caption": row["caption"], "captions": list(row["captions"]), "width": width, "height": height,
         "box_x0": x0, "box_y0": y0, "box_x1": x1, "box_y1": y1,
-        **{f"{kind}_path": _relative(kind, image_id) for kind in IMAGE_KINDS},
+        **{f"{kind}_path": relative_path(kind, image_id) for kind in IMAGE_KINDS},
         "background": choice.name, "background_crop": [choice.x, choice.y, choice.width, choice.height],
         "foreground_fraction": float(alpha.mean()),
         "unknown_fraction": float((trimap == TRIMAP_UNKNOWN).mean()),

@@ -68,7 +68,8 @@ class CatalogSummary:
         return f"blipdiff app --dataset {self.dataset}"
 
 
-def _fiftyone():
+def import_fiftyone():
+    """FiftyOne, with its usage tracking off unless asked for."""
     # Offline by default, as with Prefect's telemetry; FIFTYONE_DO_NOT_TRACK=false turns it back on.
     os.environ.setdefault("FIFTYONE_DO_NOT_TRACK", "true")
     import fiftyone
@@ -188,7 +189,7 @@ def catalog_pairs(config: CatalogConfig) -> CatalogSummary:
     if folder.is_file():
         folder = folder.parent
     pairs, rejects = _read_manifests(folder)
-    fo = _fiftyone()
+    fo = import_fiftyone()
     dataset = _open_dataset(fo, config, folder)
 
     wanted = {row["image_id"]: (REJECTED, 1) for row in rejects} | {row["image_id"]: (PAIR, len(SLICES)) for row in pairs}

@@ -195,10 +195,9 @@ def app_command(
     port: Annotated[int, typer.Option(help="Port of the FiftyOne App on 127.0.0.1.")] = 5151,
 ) -> None:
     """Serve the FiftyOne App on 127.0.0.1 until interrupted."""
-    import os
+    from blipdiff.datasets.catalog import import_fiftyone
 
-    os.environ.setdefault("FIFTYONE_DO_NOT_TRACK", "true")
-    import fiftyone as fo
+    fo = import_fiftyone()
 
     if dataset is not None and not fo.dataset_exists(dataset):
         known = ", ".join(fo.list_datasets()) or "none"

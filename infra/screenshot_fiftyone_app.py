@@ -22,9 +22,11 @@ BLIPDIFF = Path(sys.executable).parent / "blipdiff"
 
 
 def cat_group_id(dataset_name: str) -> str:
-    os.environ.setdefault("FIFTYONE_DO_NOT_TRACK", "true")
-    import fiftyone as fo
     from fiftyone import ViewField as F
+
+    from blipdiff.datasets.catalog import import_fiftyone
+
+    fo = import_fiftyone()
 
     return fo.load_dataset(dataset_name).match(F("label") == "Cat").first().group.id
 
