@@ -8,9 +8,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from blipdiff.datasets.decode import DecodeFailure, decode_image
+from blipdiff.datasets.decode import IMAGE_SUFFIXES, DecodeFailure, decode_image
 
-BACKGROUND_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 # A crop covers between half and all of the largest window of the image's aspect ratio that fits.
 CROP_SCALE = (0.5, 1.0)
 
@@ -28,7 +27,7 @@ def list_backgrounds(folder: Path) -> list[Path]:
     """Image files directly in ``folder``, sorted by name, so that a seed means the same draw."""
     if not Path(folder).is_dir():
         raise ValueError(f"backgrounds folder not found: {folder}")
-    files = sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in BACKGROUND_SUFFIXES)
+    files = sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise ValueError(f"no background images in {folder}")
     return files

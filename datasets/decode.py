@@ -12,6 +12,7 @@ DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS  # Pillow's own decompression-bomb t
 # Pillow refuses to open anything larger (DecompressionBombError); between the two it only warns, and
 # the configured limit decides.
 MAX_DECODABLE_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 EXIF_ORIENTATION = 0x0112
 _HTML_STARTS = (b"<!doctype html", b"<html", b"<?xml", b"<head", b"<body")
 

@@ -34,13 +34,18 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from blipdiff.datasets.decode import DEFAULT_MAX_PIXELS, MAX_DECODABLE_PIXELS, DecodeFailure, inspect_image
+from blipdiff.datasets.decode import (
+    DEFAULT_MAX_PIXELS,
+    IMAGE_SUFFIXES,
+    MAX_DECODABLE_PIXELS,
+    DecodeFailure,
+    inspect_image,
+)
 from blipdiff.infra.atomic import atomic_path, remove_stale_temporaries
 from blipdiff.infra.journal import JOURNAL_NAME, Journal
 
 IMAGE_ID_PATTERN = re.compile(r"^[0-9a-f]{16}\Z")
 DEFAULT_URL_TEMPLATE = "https://open-images-dataset.s3.amazonaws.com/{split}/{image_id}.jpg"
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 SUFFIX_OF_FORMAT = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif",
                     "BMP": ".bmp", "TIFF": ".tif"}
 IMAGES_SCHEMA = pa.schema([
@@ -155,7 +160,7 @@ def read_image_ids(subjects: Path) -> list[str]:
 class Fetcher:
     """Executes jobs: download or copy to a temporary name, verify, rename into place."""
 
-    def __init__(self, config: FetchConfig, client: httpx.Client | None = None):
+    def __init__(self, config: FetchConfig, client: httpx.Client):
         self.config = config
         self.out = config.out
         self.partial = config.out / PARTIAL

@@ -22,7 +22,7 @@ import pymatting
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from blipdiff.datasets.decode import DecodeFailure, decode_image
+from blipdiff.datasets.decode import IMAGE_SUFFIXES, DecodeFailure, decode_image
 from blipdiff.infra.atomic import atomic_path
 
 if TYPE_CHECKING:
@@ -32,7 +32,8 @@ TRIMAP_BACKGROUND, TRIMAP_UNKNOWN, TRIMAP_FOREGROUND = 0, 128, 255
 # pymatting retries its incomplete Cholesky with growing diagonal shifts; at our sparser threshold a
 # zero shift nearly always fails, so start where it succeeds.
 ICHOL_SHIFTS = (1e-3, 1e-2, 0.1, 0.5, 1.0, 10.0, 100.0, 1e3, 1e4, 1e5)
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+# x_min, x_max, y_min, y_max, normalised to [0, 1], as in Open Images.
+Box = tuple[float, float, float, float]
 # Below this many unknown pixels a half-resolution first guess costs more than it saves.
 COARSE_START_MIN_UNKNOWN = 20_000
 
@@ -78,7 +79,7 @@ class MattingConfig(BaseModel):
     coarse_start: bool = Field(default=True, description="start from a half-resolution solution")
 
 
-def box_in_pixels(box: tuple[float, float, float, float], width: int, height: int) -> tuple[int, int, int, int]:
+def box_in_pixels(box: Box, width: int, height: int) -> tuple[int, int, int, int]:
     """Normalised (x_min, x_max, y_min, y_max) → pixel (x0, y0, x1, y1), half-open, at least 1 px."""
     x_min, x_max, y_min, y_max = box
     x0 = int(np.clip(np.floor(x_min * width), 0, width - 1))
@@ -184,7 +185,8 @@ def _coarse_guess(image: np.ndarray, trimap: np.ndarray, config: MattingConfig) 
     return cv2.resize(small_alpha, (width, height), interpolation=cv2.INTER_LINEAR)
 
 
-def _working_size(width: int, height: int, long_side: int | None) -> tuple[int, int]:
+def working_size(width: int, height: int, long_side: int | None) -> tuple[int, int]:
+    """(width, height) scaled down so the long side is at most ``long_side``; unchanged when None."""
     if long_side is None or max(width, height) <= long_side:
         return width, height
     scale = long_side / max(width, height)
@@ -204,7 +206,7 @@ def pull_matte(
     height, width = trimap.shape
     if image.shape[:2] != (height, width):
         raise MattingError(f"image is {image.shape[1]}x{image.shape[0]} but trimap is {width}x{height}")
-    size = _working_size(width, height, config.working_long_side)
+    size = working_size(width, height, config.working_long_side)
     full_image = image.astype(np.float64) / 255.0
     if size == (width, height):
         work_image, work_trimap = full_image, trimap.astype(np.float64) / 255.0
@@ -240,10 +242,10 @@ class FolderMatteReport(BaseModel):
     failed: dict[str, str] = {}
 
 
-def read_box_csv(path: Path) -> tuple[dict[str, tuple[float, float, float, float]], dict[str, str]]:
+def read_box_csv(path: Path) -> tuple[dict[str, Box], dict[str, str]]:
     """`name,x_min,x_max,y_min,y_max[,label]` (normalised; a header row is optional) → (boxes by file
     name, class names by file name for the rows that have one: CLIPSeg's prompts)."""
-    boxes: dict[str, tuple[float, float, float, float]] = {}
+    boxes: dict[str, Box] = {}
     labels: dict[str, str] = {}
     with open(path, newline="", encoding="utf-8") as handle:
         for line_number, row in enumerate(csv.reader(handle), start=1):
@@ -268,7 +270,7 @@ def matte_folder(
     images: Path,
     out: Path,
     trimaps: Path | None = None,
-    boxes: dict[str, tuple[float, float, float, float]] | None = None,
+    boxes: dict[str, Box] | None = None,
     segmenter: Segmenter | None = None,
     labels: dict[str, str] | None = None,
     matting: MattingConfig = MattingConfig(working_long_side=None),

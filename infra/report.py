@@ -67,6 +67,7 @@ def print_fetch_summary(summary: FetchSummary, console: Console | None = None) -
 
 
 def print_build_summary(summary: BuildSummary, console: Console | None = None) -> None:
+    console = console or Console()
     table = Table(title="Build")
     table.add_column("outcome")
     table.add_column("subjects", justify="right")
@@ -74,12 +75,12 @@ def print_build_summary(summary: BuildSummary, console: Console | None = None) -
     table.add_row("skipped (done by an earlier run)", f"{summary.skipped:,}")
     for reason, count in summary.rejects.most_common():
         table.add_row(f"rejected, {reason}", f"{count:,}")
-    (console or Console()).print(table)
+    console.print(table)
     stages = Table(title="Mean seconds per pair and stage")
     for stage in summary.seconds_per_stage:
         stages.add_column(stage, justify="right")
     stages.add_row(*(f"{seconds:.3f}" for seconds in summary.seconds_per_stage.values()))
-    (console or Console()).print(stages)
+    console.print(stages)
 
 
 def print_catalog_summary(summary: CatalogSummary, console: Console | None = None) -> None:

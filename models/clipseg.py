@@ -21,8 +21,7 @@ from blipdiff.models.captioners import (
 if TYPE_CHECKING:
     from transformers import CLIPSegForImageSegmentation, CLIPSegProcessor
 
-
-Box = tuple[float, float, float, float]
+    from blipdiff.datasets.matting import Box
 
 
 class ClipSegSegmenter:

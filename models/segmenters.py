@@ -10,9 +10,7 @@ from typing import Protocol
 
 import cv2
 import numpy as np
-from blipdiff.datasets.matting import box_in_pixels
-
-Box = tuple[float, float, float, float]
+from blipdiff.datasets.matting import Box, box_in_pixels, working_size
 
 
 class Segmenter(Protocol):
@@ -61,9 +59,8 @@ class GrabCutSegmenter:
 
     def _one(self, image: np.ndarray, box: Box) -> np.ndarray:
         height, width = image.shape[:2]
-        scale = min(1.0, self.working_long_side / max(height, width))
-        size = (max(1, round(width * scale)), max(1, round(height * scale)))
-        work = cv2.resize(image, size, interpolation=cv2.INTER_AREA) if scale < 1 else image
+        size = working_size(width, height, self.working_long_side)
+        work = cv2.resize(image, size, interpolation=cv2.INTER_AREA) if size != (width, height) else image
         work = np.ascontiguousarray(work[..., ::-1])
         x0, y0, x1, y1 = box_in_pixels(box, size[0], size[1])
         if x1 - x0 < 2 or y1 - y0 < 2:
@@ -81,7 +78,7 @@ class GrabCutSegmenter:
         sigma = self.edge_blur * max(size)
         if sigma > 0:
             votes = cv2.GaussianBlur(votes, (0, 0), sigma)
-        if scale < 1:
+        if size != (width, height):
             votes = cv2.resize(votes, (width, height), interpolation=cv2.INTER_LINEAR)
         return np.clip(votes, 0.0, 1.0)
 
