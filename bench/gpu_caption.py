@@ -189,11 +189,18 @@ def blip2_config(tiny: bool, image_token: int) -> Blip2Config:
                        num_query_tokens=queries, image_token_index=image_token)
 
 
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
 def real_weights(model: str) -> bool:
-    """Whether ``model`` is a local folder or a hub id already in the local cache (nothing is fetched)."""
+    """Whether ``model`` is a local folder or a hub id whose weights are already in the local cache
+    (nothing is fetched; a cached config alone does not count)."""
     from huggingface_hub import try_to_load_from_cache
 
-    return Path(model).is_dir() or isinstance(try_to_load_from_cache(model, "config.json"), str)
+    if Path(model).is_dir():
+        return True
+    return isinstance(try_to_load_from_cache(model, "config.json"), str) and any(
+        isinstance(try_to_load_from_cache(model, name), str) for name in WEIGHT_FILES)
 
 
 def random_captioner(tiny: bool, device: torch.device, dtype: torch.dtype) -> Any:
