@@ -1,0 +1,355 @@
+"""``BlipDiffusionPipeline``: zero-shot subject-driven generation with the released checkpoint.
+
+A drop-in for diffusers' deprecated ``BlipDiffusionPipeline``: ``__call__`` takes the same arguments
+in the same order with the same defaults, and gives the same images for the same seed (measured by
+``bench/reference_parity.py``). Beyond it: several reference images averaged into one subject, one
+subject for a batch of prompts, ready-made ``subject_embeds``, ``num_images_per_prompt``, any diffusers
+scheduler, bf16/fp16, a progress bar, and loading offline.
+
+It is a plain class, not a ``diffusers.DiffusionPipeline``: diffusers' loader resolves each component
+through the library named in ``model_index.json``, and the released checkpoint names a
+``blip_diffusion`` library that current diffusers no longer has.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from blipdiff.models.blip_diffusion import checkpoint
+from blipdiff.models.blip_diffusion.checkpoint import CheckpointError
+from blipdiff.models.blip_diffusion.image_processor import ImageInput, SubjectImageProcessor, postprocess
+from blipdiff.models.blip_diffusion.subject_encoder import SubjectEncoder
+from blipdiff.models.blip_diffusion.text_encoder import ContextCLIPTextModel
+
+OUTPUT_TYPES = ("pil", "np", "pt")
+
+
+@dataclass
+class BlipDiffusionPipelineOutput:
+    """``images``: PIL images, an [N, H, W, 3] array or an [N, 3, H, W] tensor, per ``output_type``."""
+
+    images: list[Image.Image] | np.ndarray | torch.Tensor
+
+
+def _as_list(value: str | Sequence[str] | None, count: int, name: str) -> list[str] | None:
+    if value is None:
+        return None
+    values = [value] if isinstance(value, str) else list(value)
+    if len(values) == 1:
+        values = values * count
+    if len(values) != count:
+        raise ValueError(f"{name}: {len(values)} values for {count} prompts")
+    return values
+
+
+class BlipDiffusionPipeline:
+    def __init__(self, tokenizer, text_encoder: ContextCLIPTextModel, vae, unet, scheduler, qformer: SubjectEncoder,
+                 image_processor: SubjectImageProcessor, subject_tokenizer, ctx_begin_pos: int = 2,
+                 controlnet=None, index: dict[str, Any] | None = None):
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder
+        self.vae = vae
+        self.unet = unet
+        self.scheduler = scheduler
+        self.qformer = qformer
+        self.image_processor = image_processor
+        self.subject_tokenizer = subject_tokenizer
+        self.ctx_begin_pos = ctx_begin_pos
+        self.controlnet = controlnet
+        # model_index.json as read, so that saving keeps what this class does not use.
+        self._index = dict(index or {})
+        self._progress_bar_config: dict[str, Any] = {}
+
+    # ----------------------------------------------------------------- loading, saving, placement
+    @classmethod
+    def from_pretrained(cls, model: str | os.PathLike, torch_dtype: torch.dtype | None = None,
+                        device: str | torch.device | None = None) -> BlipDiffusionPipeline:
+        """Load a checkpoint in the official layout: a hub id (downloaded, or found in the cache
+        offline) or a local folder. Raises ``CheckpointError`` saying what is missing or wrong."""
+        import diffusers
+        import transformers
+        from transformers import Blip2Config, CLIPTextConfig
+
+        root = checkpoint.resolve(model)
+        index = checkpoint.read_index(root)
+        qformer_config = checkpoint.read_json(root / "qformer" / "config.json")
+        qformer = checkpoint.load_module(SubjectEncoder, Blip2Config.from_dict(qformer_config), root / "qformer", "qformer")
+        text_config = CLIPTextConfig.from_dict(checkpoint.read_json(root / "text_encoder" / "config.json"))
+        text_encoder = checkpoint.load_module(ContextCLIPTextModel, text_config, root / "text_encoder", "text_encoder")
+        dtype = torch_dtype or torch.float32
+        unet = checkpoint.load_diffusers_model(diffusers.UNet2DConditionModel, root, "unet", dtype)
+        vae = checkpoint.load_diffusers_model(diffusers.AutoencoderKL, root, "vae", dtype)
+        controlnet = None
+        if "controlnet" in index:
+            controlnet = checkpoint.load_diffusers_model(diffusers.ControlNetModel, root, "controlnet", dtype)
+        scheduler_class = getattr(diffusers, index["scheduler"][1], None)
+        if scheduler_class is None:
+            raise CheckpointError(f"scheduler: diffusers has no {index['scheduler'][1]}")
+        scheduler = scheduler_class.from_pretrained(root, subfolder="scheduler")
+        tokenizer_class = getattr(transformers, index["tokenizer"][1], transformers.CLIPTokenizer)
+        try:
+            tokenizer = tokenizer_class.from_pretrained(root / "tokenizer")
+        except (OSError, ValueError) as error:
+            raise CheckpointError(f"tokenizer: cannot load {root / 'tokenizer'} ({error})") from error
+        image_processor = SubjectImageProcessor.from_config(
+            checkpoint.read_json(root / "image_processor" / "preprocessor_config.json"),
+            mean=index.get("mean"), std=index.get("std"))
+        subject_tokenizer = checkpoint.load_subject_tokenizer(root, qformer_config)
+        vocabulary = qformer.embeddings.word_embeddings.num_embeddings
+        if len(subject_tokenizer) > vocabulary:
+            raise CheckpointError(f"the subject tokenizer has {len(subject_tokenizer)} tokens, more than the "
+                                  f"Q-Former's {vocabulary} word embeddings")
+        pipe = cls(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet, scheduler=scheduler,
+                   qformer=qformer, image_processor=image_processor, subject_tokenizer=subject_tokenizer,
+                   ctx_begin_pos=int(index.get("ctx_begin_pos", 2)), controlnet=controlnet, index=index)
+        qformer.to(dtype)
+        text_encoder.to(dtype)
+        return pipe.to(device) if device is not None else pipe
+
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        """Write the official layout, weights as safetensors, plus the subject tokenizer in
+        ``qformer/tokenizer/`` so the folder loads offline. Built beside ``folder`` and renamed into
+        place: an interrupted save leaves no half-written checkpoint."""
+        target = Path(folder)
+        if target.exists() and any(target.iterdir()) and not (target / "model_index.json").is_file():
+            raise FileExistsError(f"{target} exists and is not a checkpoint; refusing to replace it")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            self._write_layout(staging)
+            if target.exists():
+                retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+                os.replace(target, retired / "checkpoint")
+                os.replace(staging, target)
+                shutil.rmtree(retired)
+            else:
+                os.replace(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def _write_layout(self, root: Path) -> None:
+        import diffusers
+
+        for name in ("qformer", "text_encoder"):
+            (root / name).mkdir()
+        qformer_config = self.qformer.config.to_dict()
+        (root / "qformer" / "config.json").write_text(json.dumps(qformer_config, indent=2, sort_keys=True) + "\n")
+        checkpoint.save_module(self.qformer, root / "qformer")
+        checkpoint.save_tokenizer(self.subject_tokenizer, root / "qformer" / checkpoint.SUBJECT_TOKENIZER_COPY)
+        text_config = self.text_encoder.config.to_dict()
+        text_config["architectures"] = ["ContextCLIPTextModel"]
+        (root / "text_encoder" / "config.json").write_text(json.dumps(text_config, indent=2, sort_keys=True) + "\n")
+        checkpoint.save_module(self.text_encoder, root / "text_encoder")
+        checkpoint.save_tokenizer(self.tokenizer, root / "tokenizer")
+        self.unet.save_pretrained(root / "unet", safe_serialization=True)
+        self.vae.save_pretrained(root / "vae", safe_serialization=True)
+        self.scheduler.save_pretrained(root / "scheduler")
+        (root / "image_processor").mkdir()
+        (root / "image_processor" / "preprocessor_config.json").write_text(
+            json.dumps(self.image_processor.to_config(), indent=2, sort_keys=True) + "\n")
+        index = {
+            **self._index, "_class_name": "BlipDiffusionPipeline", "_diffusers_version": diffusers.__version__,
+            "ctx_begin_pos": self.ctx_begin_pos, "mean": list(self.image_processor.mean),
+            "std": list(self.image_processor.std),
+            "qformer": ["blip_diffusion", "Blip2QFormerModel"],
+            "text_encoder": ["blip_diffusion", "ContextCLIPTextModel"],
+            "image_processor": ["blip_diffusion", "BlipImageProcessor"],
+            "tokenizer": ["transformers", type(self.tokenizer).__name__.removesuffix("Fast")],
+            "unet": ["diffusers", type(self.unet).__name__], "vae": ["diffusers", type(self.vae).__name__],
+            "scheduler": ["diffusers", type(self.scheduler).__name__]}
+        index.pop("controlnet", None)
+        if self.controlnet is not None:
+            self.controlnet.save_pretrained(root / "controlnet", safe_serialization=True)
+            index["controlnet"] = ["diffusers", type(self.controlnet).__name__]
+        (root / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+    @property
+    def _models(self) -> list[torch.nn.Module]:
+        return [m for m in (self.qformer, self.text_encoder, self.unet, self.vae, self.controlnet) if m is not None]
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> BlipDiffusionPipeline:
+        for model in self._models:
+            if dtype is not None:
+                model.to(dtype=dtype)
+            if device is not None:
+                model.to(device=device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    @property
+    def components(self) -> dict[str, Any]:
+        return {"tokenizer": self.tokenizer, "text_encoder": self.text_encoder, "vae": self.vae, "unet": self.unet,
+                "scheduler": self.scheduler, "qformer": self.qformer, "image_processor": self.image_processor,
+                "subject_tokenizer": self.subject_tokenizer, "controlnet": self.controlnet}
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def set_progress_bar_config(self, **kwargs: Any) -> None:
+        """tqdm's options for the denoising loop's bar, e.g. ``disable=True``."""
+        self._progress_bar_config = kwargs
+
+    # ----------------------------------------------------------------------------- the subject
+    @torch.no_grad()
+    def subject_embedding(self, images: ImageInput | Sequence[ImageInput], subject: str,
+                          weights: Sequence[float] | None = None) -> torch.Tensor:
+        """The subject embedding [1, num_query_tokens, hidden] of one reference image, or the (weighted)
+        mean over several images of the same subject."""
+        if not isinstance(subject, str) or not subject.strip():
+            raise ValueError("the subject text is empty: name the subject's category, e.g. 'dog'")
+        images = list(images) if isinstance(images, (list, tuple)) else [images]
+        if not images:
+            raise ValueError("no reference image")
+        pixels = self.image_processor.preprocess(images).to(self.device, self.qformer.query_tokens.dtype)
+        text = self.subject_tokenizer([subject] * len(images), return_tensors="pt", padding=True)
+        embeds = self.qformer(pixels, text.input_ids.to(self.device), text.attention_mask.to(self.device))
+        if weights is None:
+            return embeds.mean(dim=0, keepdim=True)
+        weight = torch.as_tensor(list(weights), dtype=torch.float32)
+        if weight.shape != (len(images),) or (weight < 0).any() or weight.sum() <= 0:
+            raise ValueError(f"weights: one non-negative weight per image ({len(images)}), not all zero")
+        weight = (weight / weight.sum()).to(embeds.device, embeds.dtype)
+        return (embeds * weight[:, None, None]).sum(dim=0, keepdim=True)
+
+    # ------------------------------------------------------------------------------ the prompt
+    @staticmethod
+    def _build_prompt(prompts: Sequence[str], targets: Sequence[str], prompt_strength: float,
+                      prompt_reps: int) -> list[str]:
+        """The released recipe: "a {target} {prompt}" repeated to amplify it (the tokenizer's truncation
+        keeps about ten of the twenty)."""
+        return [", ".join([f"a {target} {prompt.strip()}"] * int(prompt_strength * prompt_reps))
+                for prompt, target in zip(prompts, targets)]
+
+    def _max_positions(self) -> int:
+        return self.text_encoder.config.max_position_embeddings
+
+    @torch.no_grad()
+    def encode_prompt(self, subject_embeds: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        """Prompts with the subject embeddings [len(prompts), Q, D] spliced in → the U-Net's context."""
+        length = self._max_positions() - subject_embeds.shape[1]
+        ids = self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=length,
+                             return_tensors="pt").input_ids.to(self.device)
+        return self.text_encoder(ids, subject_embeds.to(self.device), self.ctx_begin_pos)
+
+    @torch.no_grad()
+    def encode_negative(self, negative: Sequence[str]) -> torch.Tensor:
+        ids = self.tokenizer(list(negative), padding="max_length", truncation=True, max_length=self._max_positions(),
+                             return_tensors="pt").input_ids.to(self.device)
+        return self.text_encoder(ids)
+
+    # ------------------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        reference_image: ImageInput | list[ImageInput] | None = None,
+        source_subject_category: str | list[str] | None = None,
+        target_subject_category: str | list[str] | None = None,
+        latents: torch.Tensor | None = None,
+        guidance_scale: float = 7.5,
+        height: int = 512,
+        width: int = 512,
+        num_inference_steps: int = 50,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        neg_prompt: str | list[str] | None = "",
+        prompt_strength: float = 1.0,
+        prompt_reps: int = 20,
+        output_type: str | None = "pil",
+        return_dict: bool = True,
+        *,
+        subject_embeds: torch.Tensor | None = None,
+        reference_weights: Sequence[float] | None = None,
+        num_images_per_prompt: int = 1,
+    ) -> BlipDiffusionPipelineOutput | tuple:
+        """Generate ``num_images_per_prompt`` images for each prompt.
+
+        ``reference_image`` is one image or a list of images of the same subject, averaged (weighted by
+        ``reference_weights``); it serves every prompt. ``source_subject_category`` names it (one, or one
+        per prompt); ``target_subject_category`` (default: the source) goes into the prompt.
+        ``subject_embeds`` ([1 or len(prompt), Q, D], e.g. from ``subject_embedding``) replaces the
+        reference image. ``generator`` may be one generator or one per image."""
+        output_type = output_type or "pil"
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, not {output_type!r}")
+        if height % self.vae_scale_factor or width % self.vae_scale_factor:
+            raise ValueError(f"height and width must be multiples of {self.vae_scale_factor}, not {height}x{width}")
+        if num_images_per_prompt < 1:
+            raise ValueError("num_images_per_prompt must be at least 1")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        count = len(prompts)
+        sources = _as_list(source_subject_category, count, "source_subject_category")
+        targets = _as_list(target_subject_category, count, "target_subject_category") or sources
+        if targets is None:
+            raise ValueError("target_subject_category (or source_subject_category) names the subject in the prompt")
+        embeds = self._subject_embeds(count, reference_image, sources, subject_embeds, reference_weights)
+
+        context = self.encode_prompt(embeds, self._build_prompt(prompts, targets, prompt_strength, prompt_reps))
+        guided = guidance_scale > 1.0
+        if guided:
+            negative = _as_list("" if neg_prompt is None else neg_prompt, count, "neg_prompt")
+            context = torch.cat([self.encode_negative(negative), context])
+        if num_images_per_prompt > 1:
+            groups = 2 if guided else 1
+            context = context.view(groups, count, *context.shape[1:]).repeat_interleave(
+                num_images_per_prompt, dim=1).flatten(0, 1)
+        batch = count * num_images_per_prompt
+
+        latents = self._initial_latents(batch, height, width, generator, latents)
+        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+        step_kwargs = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
+        from tqdm.auto import tqdm
+
+        for t in tqdm(self.scheduler.timesteps, **self._progress_bar_config):
+            model_input = torch.cat([latents] * 2) if guided else latents
+            model_input = self.scheduler.scale_model_input(model_input, t).to(self.unet.dtype)
+            noise = self.unet(model_input, t, encoder_hidden_states=context.to(self.unet.dtype)).sample.float()
+            if guided:
+                unconditional, conditional = noise.chunk(2)
+                noise = unconditional + guidance_scale * (conditional - unconditional)
+            latents = self.scheduler.step(noise, t, latents, **step_kwargs).prev_sample
+        decoded = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+        images = postprocess(decoded, output_type)
+        return BlipDiffusionPipelineOutput(images=images) if return_dict else (images,)
+
+    def _subject_embeds(self, count: int, reference_image, sources: list[str] | None,
+                        subject_embeds: torch.Tensor | None, weights: Sequence[float] | None) -> torch.Tensor:
+        """[count, Q, D]: the given embeddings, or one embedding per distinct source category."""
+        if subject_embeds is not None:
+            if subject_embeds.ndim != 3 or subject_embeds.shape[0] not in (1, count):
+                raise ValueError(f"subject_embeds must be [1 or {count}, Q, D], not {list(subject_embeds.shape)}")
+            return subject_embeds.expand(count, -1, -1).to(self.device)
+        if reference_image is None or sources is None:
+            raise ValueError("give reference_image and source_subject_category, or subject_embeds")
+        by_source = {source: self.subject_embedding(reference_image, source, weights) for source in dict.fromkeys(sources)}
+        return torch.cat([by_source[source] for source in sources])
+
+    def _initial_latents(self, batch: int, height: int, width: int, generator, latents: torch.Tensor | None) -> torch.Tensor:
+        from diffusers.utils.torch_utils import randn_tensor
+
+        shape = (batch, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if latents is None:
+            # Drawn in float32 whatever the model's dtype, so bf16 and fp16 start from the fp32 noise.
+            latents = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have the shape {list(shape)}, not {list(latents.shape)}")
+        return latents.to(self.device, torch.float32) * self.scheduler.init_noise_sigma
