@@ -1,0 +1,400 @@
+"""Parity of blipdiff's BLIP-Diffusion pipeline with the reference, diffusers' own ``BlipDiffusionPipeline``.
+
+    .venv/bin/python bench/reference_parity.py                      # build, generate, compare, record
+    .venv/bin/python bench/reference_parity.py --write-fixtures tests/fixtures/reference_parity
+
+The reference only runs on diffusers 0.32.2 with transformers 4.44.2, so it runs in a side virtual
+environment (``.reference-venv`` by default; created when missing, ``--fresh`` recreates it) through
+bench/reference_side.py. That side builds a tiny random BLIP-Diffusion from the reference classes (every
+weight perturbed) and saves it as safetensors and as ``.bin``; both sides then run the same cases (real
+DreamBench photos as reference images, so the reference image resize matters; guided and unguided; a
+negative prompt; a target subject other than the source; two sizes) and their images (max abs on
+[0, 1]) and subject embeddings (max relative error) are compared. Then the other way: blipdiff saves the
+checkpoint and the reference loads and runs it. The table goes to docs/benchmarks.md.
+
+``--write-fixtures DIR`` copies the reference-built checkpoint, the stand-in ``bert-base-uncased``
+tokenizer, the cases and the reference outputs into DIR, so a regular test can guard parity without
+the side environment (the DreamBench photos stay in ../shared; see the README written there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import hashlib
+import json
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from benchmark_record import ROOT, host, record
+from reference_side import IMAGE_SIZE, NUM_QUERY_TOKENS, TEXT_HIDDEN, offline_hub_with_bert, open_reference_image
+
+SIDE_SCRIPT = Path(__file__).resolve().with_name("reference_side.py")
+DEFAULT_SIDE_ENV = ROOT / ".reference-venv"
+DREAMBENCH = ROOT.parent / "shared" / "data" / "dreambench" / "dataset"
+# torch first and pinned: the local CPU wheel (an unpinned torch would pull a multi-GB CUDA build).
+SIDE_TORCH = "torch==2.13.0"
+# The last stack the reference runs on, with the versions of its dependencies it was measured with
+# (huggingface_hub < 1 and tokenizers < 0.20, as transformers 4.44.2 requires).
+SIDE_PACKAGES = ["diffusers==0.32.2", "transformers==4.44.2", "huggingface_hub==0.36.2", "tokenizers==0.19.1",
+                 "safetensors==0.8.0", "numpy==2.4.6", "pillow==13.0.0"]
+SIDE_MARKER = "reference-packages.txt"
+IMAGE_TOLERANCE = 1e-3
+EMBEDDING_TOLERANCE = 1e-4
+FIXTURE_BUDGET = 400_000
+LAVIS_NEGATIVE = ("over-exposure, under-exposure, saturated, duplicate, out of frame, lowres, cropped, worst quality, "
+                  "low quality, jpeg artifacts, morbid, mutilated, out of frame, ugly, bad anatomy, bad proportions, "
+                  "deformed, blurry, duplicate")
+
+
+def _case(name: str, prompt: str, image: str, source: str, target: str, guidance: float, height: int, width: int,
+          steps: int, seed: int, negative: str = "", crop: tuple[int, int, int, int] | None = None) -> dict[str, Any]:
+    case = {"name": name, "prompt": prompt, "reference_image": image, "source_subject": source,
+            "target_subject": target, "guidance_scale": guidance, "height": height, "width": width,
+            "num_inference_steps": steps, "seed": seed, "negative_prompt": negative}
+    return case | {"crop": list(crop)} if crop else case
+
+
+# Reference images are paths under the DreamBench dataset folder. dog_guided_32 and dog_other_photo_32
+# differ only in the photo, dog_guided_32 and dog_unguided_32 only in guidance: the reference's own
+# sensitivity to each, which a meaningful comparison needs, is checked on them.
+CASES = [
+    _case("dog_guided_32", "in the jungle", "dog/00.jpg", "dog", "dog", 7.5, 32, 32, 6, 0),
+    _case("dog_unguided_32", "in the jungle", "dog/00.jpg", "dog", "dog", 1.0, 32, 32, 6, 0),
+    _case("dog_other_photo_32", "in the jungle", "dog/03.jpg", "dog", "dog", 7.5, 32, 32, 6, 0),
+    # A wide cut of the photo: the reference squashes it to a square.
+    _case("cat_wide_negative_48x40", "on a red sofa", "cat/01.jpg", "cat", "cat", 7.5, 48, 40, 5, 88888, LAVIS_NEGATIVE,
+          crop=(0, 300, 1277, 1000)),
+    _case("backpack_as_teddy_40x48", "in the snow", "backpack/02.jpg", "backpack", "teddy bear", 5.0, 40, 48, 4, 7),
+    # Several WordPiece tokens for the subject; without guidance the negative prompt must be ignored.
+    _case("sloth_unguided_negative_32", "on a red sofa", "grey_sloth_plushie/00.jpg", "grey sloth plushie",
+          "grey sloth plushie", 1.0, 32, 32, 5, 3, "blurry"),
+]
+
+
+@dataclass
+class Row:
+    case: str
+    direction: str
+    image_max_abs: float
+    embedding_rel_err: float
+    diagnosis: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return self.image_max_abs <= IMAGE_TOLERANCE and self.embedding_rel_err <= EMBEDDING_TOLERANCE
+
+
+def ensure_side_env(env: Path, fresh: bool) -> Path:
+    """The side environment's python, creating or completing the environment when needed."""
+    if fresh and env.exists():
+        shutil.rmtree(env)
+    python = env / "bin" / "python"
+    wanted = "\n".join([SIDE_TORCH, *SIDE_PACKAGES]) + "\n"
+    marker = env / SIDE_MARKER
+    if python.exists() and marker.is_file() and marker.read_text() == wanted:
+        return python
+    print(f"setting up the reference environment in {env} ...", flush=True)
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(env)], check=True)
+    for packages in ([SIDE_TORCH], SIDE_PACKAGES):
+        done = subprocess.run([str(python), "-m", "pip", "install", "--quiet", *packages],
+                              capture_output=True, text=True)
+        if done.returncode:
+            sys.exit(f"pip install {' '.join(packages)} failed in {env}:\n{done.stdout}{done.stderr}")
+    marker.write_text(wanted)
+    return python
+
+
+def side_versions(python: Path) -> str:
+    code = ("import diffusers, transformers, torch, huggingface_hub, PIL; print(f'diffusers {diffusers.__version__}, "
+            "transformers {transformers.__version__}, torch {torch.__version__}, huggingface_hub "
+            "{huggingface_hub.__version__}, Pillow {PIL.__version__}')")
+    return subprocess.run([str(python), "-c", code], check=True, capture_output=True, text=True).stdout.strip()
+
+
+def run_side(python: Path, *arguments: str) -> None:
+    done = subprocess.run([str(python), str(SIDE_SCRIPT), *arguments], capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"reference_side.py {arguments[0]} failed:\n{done.stdout}{done.stderr}")
+    print(done.stdout.strip(), flush=True)
+
+
+def load_npz(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path) as data:
+        return {key: data[key] for key in data.files}
+
+
+def run_blipdiff(pipe: Any, cases: list[dict[str, Any]], images: Path) -> dict[str, np.ndarray]:
+    """Each case through blipdiff's pipeline with the reference's arguments, plus the same intermediate
+    tensors reference_side.py keeps, captured where blipdiff's pipeline hands them on."""
+    outputs: dict[str, np.ndarray] = {}
+    for case in cases:
+        reference_image = open_reference_image(images, case)
+        captured: dict[str, list[torch.Tensor]] = collections.defaultdict(list)
+
+        def keep(name: str, tensor: torch.Tensor) -> None:
+            captured[name].append(tensor.detach().cpu().clone())
+
+        def keep_subject_inputs(_module: torch.nn.Module, args: tuple) -> None:
+            keep("pixel_values", args[0])
+            keep("subject_ids", args[1])
+
+        hooks = [
+            pipe.qformer.register_forward_pre_hook(keep_subject_inputs),
+            # The prompt first, then (guided only) the negative prompt.
+            pipe.text_encoder.register_forward_pre_hook(lambda _m, args: keep("text_ids", args[0])),
+            pipe.unet.register_forward_pre_hook(
+                lambda _m, _args, kwargs: keep("context", kwargs["encoder_hidden_states"]), with_kwargs=True),
+            pipe.vae.post_quant_conv.register_forward_pre_hook(
+                lambda _m, args: keep("final_latents", args[0] * pipe.vae.config.scaling_factor)),
+        ]
+        try:
+            image = pipe(
+                case["prompt"], reference_image, case["source_subject"], case["target_subject"],
+                guidance_scale=case["guidance_scale"], height=case["height"], width=case["width"],
+                num_inference_steps=case["num_inference_steps"],
+                generator=torch.Generator("cpu").manual_seed(case["seed"]),
+                neg_prompt=case["negative_prompt"], output_type="np").images
+        finally:
+            for hook in hooks:
+                hook.remove()
+        embedding = pipe.subject_embedding(reference_image, case["source_subject"])
+        name = case["name"]
+        outputs |= {
+            f"{name}.image": np.asarray(image[0], dtype=np.float32),
+            f"{name}.subject_embedding": embedding.float().cpu().numpy(),
+            f"{name}.prompt_ids": captured["text_ids"][0].numpy(),
+            f"{name}.subject_ids": captured["subject_ids"][0].numpy(),
+            **{f"{name}.{stage}": captured[stage][0].float().numpy()
+               for stage in ("pixel_values", "context", "final_latents")},
+        }
+        if len(captured["text_ids"]) > 1:
+            outputs[f"{name}.negative_ids"] = captured["text_ids"][1].numpy()
+    return outputs
+
+
+def max_abs(ours: np.ndarray, reference: np.ndarray) -> float:
+    if ours.shape != reference.shape:
+        return float("inf")
+    return float(np.abs(ours.astype(np.float64) - reference.astype(np.float64)).max())
+
+
+def relative_error(ours: np.ndarray, reference: np.ndarray) -> float:
+    return max_abs(ours, reference) / float(np.abs(reference).max())
+
+
+def compare(ours: dict[str, np.ndarray], reference: dict[str, np.ndarray], cases: list[dict[str, Any]],
+            direction: str) -> list[Row]:
+    rows = []
+    for case in cases:
+        name = case["name"]
+        row = Row(name, direction, max_abs(ours[f"{name}.image"], reference[f"{name}.image"]),
+                  relative_error(ours[f"{name}.subject_embedding"], reference[f"{name}.subject_embedding"]))
+        if not row.passed:
+            row.diagnosis = diagnose(ours, reference, name)
+        rows.append(row)
+    return rows
+
+
+def diagnose(ours: dict[str, np.ndarray], reference: dict[str, np.ndarray], case: str) -> str:
+    """Where a failing case first departs from the reference, stage by stage."""
+    lines = []
+    for stage in ("pixel_values", "subject_ids", "subject_embedding", "prompt_ids", "negative_ids", "context",
+                  "final_latents", "image"):
+        key = f"{case}.{stage}"
+        if key not in reference:
+            continue
+        if key not in ours:
+            lines.append(f"    {stage}: blipdiff has none (reference {reference[key].shape})")
+            continue
+        mine, theirs = ours[key], reference[key]
+        if mine.shape != theirs.shape:
+            lines.append(f"    {stage}: shape {mine.shape} vs reference {theirs.shape}")
+        elif np.issubdtype(theirs.dtype, np.integer):
+            differing = np.flatnonzero((mine != theirs).reshape(-1))
+            verdict = f"{differing.size} ids differ, the first at {differing[0]}" if differing.size else "same"
+            lines.append(f"    {stage}: {verdict}")
+        else:
+            lines.append(f"    {stage}: max abs {max_abs(mine, theirs):.3g}, "
+                         f"relative {relative_error(mine, theirs):.3g}")
+    return "\n".join(lines)
+
+
+def reference_sanity(safetensors_run: dict[str, np.ndarray], bin_run: dict[str, np.ndarray]) -> dict[str, float]:
+    """The reference's own behaviour the comparison relies on: the same weights in either format give
+    bit-identical outputs (two independent runs, so generation is deterministic), and the reference
+    photo and the guidance each move the image far beyond the tolerance."""
+    return {
+        "safetensors vs .bin checkpoint, largest difference": max(
+            max_abs(safetensors_run[key], bin_run[key]) for key in safetensors_run),
+        "another dog photo, image max abs": max_abs(safetensors_run["dog_guided_32.image"],
+                                                    safetensors_run["dog_other_photo_32.image"]),
+        "another dog photo, embedding relative": relative_error(safetensors_run["dog_other_photo_32.subject_embedding"],
+                                                                safetensors_run["dog_guided_32.subject_embedding"]),
+        "guidance 7.5 vs 1.0, image max abs": max_abs(safetensors_run["dog_guided_32.image"],
+                                                      safetensors_run["dog_unguided_32.image"]),
+    }
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+
+
+def write_fixtures(target: Path, work: Path, reference: dict[str, np.ndarray], versions: str) -> None:
+    """The safetensors checkpoint, the stand-in bert-base-uncased, cases.json, reference.npz (images as
+    float16, whose rounding, at most 2.4e-4 on [0, 1], leaves the 1e-3 tolerance room) and a README;
+    the .bin checkpoint too while everything stays within FIXTURE_BUDGET bytes."""
+    if target.exists():
+        shutil.rmtree(target)
+    target.mkdir(parents=True)
+    shutil.copytree(work / "checkpoint-safetensors", target / "checkpoint")
+    shutil.copytree(work / "bert-base-uncased", target / "bert-base-uncased")
+    shutil.copyfile(work / "cases.json", target / "cases.json")
+    kept = {}
+    for key, value in reference.items():
+        stage = key.rsplit(".", 1)[1]
+        if stage == "image":
+            kept[key] = value.astype(np.float16)
+        elif stage == "subject_embedding":
+            kept[key] = value
+        elif stage.endswith("_ids"):
+            kept[key] = value.astype(np.int32)
+    np.savez_compressed(target / "reference.npz", **kept)
+    with_bin = folder_bytes(target) + folder_bytes(work / "checkpoint-bin") <= FIXTURE_BUDGET
+    if with_bin:
+        shutil.copytree(work / "checkpoint-bin", target / "checkpoint-bin")
+    bin_note = "; `checkpoint-bin/`: the same weights as `.bin`" if with_bin else ""
+    (target / "README.md").write_text(f"""# Reference parity fixtures
+
+Written by `bench/reference_parity.py --write-fixtures` with the reference pipeline (diffusers'
+`BlipDiffusionPipeline`; {versions}); regenerate them the same way, never by hand.
+
+- `checkpoint/`: a tiny random BLIP-Diffusion built from the reference classes, every weight perturbed,
+  saved by the reference's `save_pretrained` (safetensors){bin_note}.
+  Like `Salesforce/blipdiffusion`, `qformer/config.json` names no `tokenizer`: the Q-Former loads
+  `bert-base-uncased`.
+- `bert-base-uncased/`: the tiny uncased WordPiece tokenizer standing in for `bert-base-uncased`; serve
+  it as that repository's snapshot in a private Hugging Face cache (`HF_HOME`, `HF_HUB_OFFLINE=1`).
+  `[DEC]` is added as the next id, so the Q-Former's vocabulary is one larger.
+- `cases.json`: the calls; `reference_image` is relative to `../shared/data/dreambench/dataset` (not
+  committed: skip when absent), `reference_image_sha256` its checksum.
+- `reference.npz`: per case `NAME.image` ([H, W, 3] float16 in [0, 1], `output_type="np"`),
+  `NAME.subject_embedding` ([1, {NUM_QUERY_TOKENS}, {TEXT_HIDDEN}] float32), `NAME.prompt_ids`,
+  `NAME.negative_ids` (guided cases) and `NAME.subject_ids` (int32, as the reference tokenizes them).
+  Tolerances: image max abs {IMAGE_TOLERANCE:g}, embedding max|a-b|/max|b| {EMBEDDING_TOLERANCE:g}.
+""")
+    print(f"fixtures in {target}: {folder_bytes(target):,} bytes"
+          f"{'' if with_bin else ' (the .bin checkpoint left out: over the budget)'}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--side-env", type=Path, default=DEFAULT_SIDE_ENV, help="the reference's virtual environment")
+    parser.add_argument("--fresh", action="store_true", help="delete and recreate the side environment")
+    parser.add_argument("--images", type=Path, default=DREAMBENCH, help="the DreamBench dataset folder")
+    parser.add_argument("--workdir", type=Path, help="keep the checkpoints and outputs here")
+    parser.add_argument("--write-fixtures", type=Path, metavar="DIR", help="copy checkpoint, cases and outputs here")
+    parser.add_argument("--no-record", action="store_true", help="do not append to docs/benchmarks.md")
+    args = parser.parse_args()
+    missing = [case["reference_image"] for case in CASES if not (args.images / case["reference_image"]).is_file()]
+    if missing:
+        sys.exit(f"reference photos not found under {args.images}: {', '.join(missing)} (pass --images)")
+
+    with contextlib.ExitStack() as stack:
+        work = args.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="blipdiff-parity-")))
+        work.mkdir(parents=True, exist_ok=True)
+        measure(args, work)
+
+
+def measure(args: argparse.Namespace, work: Path) -> None:
+    """Build, generate on both sides, compare, report; exits non-zero when a case fails."""
+    started = time.perf_counter()
+    python = ensure_side_env(args.side_env, args.fresh)
+    versions = side_versions(python)
+    print(f"reference: {versions}", flush=True)
+    bert = work / "bert-base-uncased"
+    cases = [{**case, "reference_image_sha256": hashlib.sha256((args.images / case["reference_image"]).read_bytes())
+              .hexdigest()} for case in CASES]
+    (work / "cases.json").write_text(json.dumps(cases, indent=1) + "\n")
+
+    setup_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+
+    def reference_generate(checkpoint: Path, out: Path) -> dict[str, np.ndarray]:
+        run_side(python, "generate", "--model", str(checkpoint), "--bert-tokenizer", str(bert),
+                 "--cases", str(work / "cases.json"), "--images", str(args.images), "--out", str(out))
+        return load_npz(out)
+
+    references: dict[str, dict[str, np.ndarray]] = {}
+    for serialization in ("safetensors", "bin"):
+        folder = work / f"checkpoint-{serialization}"
+        shutil.rmtree(folder, ignore_errors=True)
+        run_side(python, "build", "--out", str(folder), "--bert-tokenizer", str(bert), "--format", serialization)
+        references[serialization] = reference_generate(folder, work / f"reference-{serialization}.npz")
+    sanity = reference_sanity(references["safetensors"], references["bin"])
+
+    rows: list[Row] = []
+    ours: dict[str, dict[str, np.ndarray]] = {}
+    with offline_hub_with_bert(bert):
+        # Imported only now: the private Hugging Face cache must be in place first (see offline_hub_with_bert).
+        from blipdiff.models.blip_diffusion import BlipDiffusionPipeline
+
+        for serialization in ("safetensors", "bin"):
+            pipe = BlipDiffusionPipeline.from_pretrained(work / f"checkpoint-{serialization}")
+            pipe.set_progress_bar_config(disable=True)
+            ours[serialization] = run_blipdiff(pipe, cases, args.images)
+            rows += compare(ours[serialization], references[serialization], cases,
+                            f"reference {serialization} → blipdiff")
+            if serialization == "safetensors":
+                pipe.save_pretrained(work / "checkpoint-blipdiff")
+    # The other way: the reference loads what blipdiff saved, and must give what blipdiff gave.
+    on_saved = reference_generate(work / "checkpoint-blipdiff", work / "reference-on-blipdiff.npz")
+    rows += compare(ours["safetensors"], on_saved, cases, "blipdiff save → reference")
+    compare_seconds = time.perf_counter() - started
+
+    lines = ["| case | direction | image max abs | embedding rel err | result |", "| --- | --- | ---: | ---: | --- |"]
+    lines += [f"| {row.case} | {row.direction} | {row.image_max_abs:.2e} | {row.embedding_rel_err:.2e} | "
+              f"{'pass' if row.passed else 'FAIL'} |" for row in rows]
+    table = "\n".join(lines)
+    print(table)
+    facts = [f"- reference: diffusers' `BlipDiffusionPipeline` in a side environment ({versions})",
+             f"- tolerances: image max abs ≤ {IMAGE_TOLERANCE:g} on [0, 1]; subject embedding max|a-b|/max|b| ≤ "
+             f"{EMBEDDING_TOLERANCE:g}",
+             f"- model: tiny random BLIP-Diffusion built by the reference ({IMAGE_SIZE}² subject images, "
+             f"{NUM_QUERY_TOKENS} query tokens, hidden {TEXT_HIDDEN}, U-Net and VAE of two blocks), every weight "
+             "perturbed; real DreamBench photos as reference images",
+             *(f"- reference sanity, {what}: {value:.3g}" for what, value in sanity.items()),
+             f"- time: side environment set-up or check {setup_seconds:.0f} s; builds and both pipelines "
+             f"{compare_seconds:.0f} s"]
+    print("\n".join(facts))
+    failed = [row for row in rows if not row.passed]
+    for row in failed:
+        print(f"{row.case} ({row.direction}) departs from the reference:\n{row.diagnosis}")
+    if args.write_fixtures:
+        write_fixtures(args.write_fixtures, work, references["safetensors"], versions)
+    if not args.no_record:
+        record("BLIP-Diffusion parity with the reference pipeline (tiny random checkpoint)",
+               f"{host()}, Python {platform.python_version()}, torch {torch.__version__}", facts, table)
+    blind = (sanity["safetensors vs .bin checkpoint, largest difference"] != 0
+             or sanity["another dog photo, image max abs"] < 10 * IMAGE_TOLERANCE
+             or sanity["guidance 7.5 vs 1.0, image max abs"] < 10 * IMAGE_TOLERANCE)
+    if blind:
+        print("the reference's own outputs cannot tell a wrong implementation apart (see the sanity lines)",
+              file=sys.stderr)
+    if failed or blind:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,368 @@
+"""The reference side of the BLIP-Diffusion parity measurement: diffusers' own ``BlipDiffusionPipeline``.
+
+Runs only with the side environment's python (diffusers 0.32.2, transformers 4.44.2), which
+bench/reference_parity.py creates; it never imports blipdiff.
+
+    python bench/reference_side.py build --out CHECKPOINT --bert-tokenizer BERT [--format bin|safetensors]
+    python bench/reference_side.py generate --model CHECKPOINT --bert-tokenizer BERT --cases cases.json \
+        --images DREAMBENCH_DATASET --out reference.npz
+
+``build`` makes a tiny random BLIP-Diffusion out of the reference classes, perturbs every weight and saves
+it in the layout of ``Salesforce/blipdiffusion``. Like that checkpoint, ``qformer/config.json`` names no
+``tokenizer``: the reference Q-Former then loads ``bert-base-uncased`` from the Hugging Face cache at
+construction. Both commands therefore point ``HF_HOME`` at a private folder in which the tiny WordPiece
+tokenizer (written by ``build`` to BERT) stands in as the cached ``bert-base-uncased`` snapshot, so the
+checkpoint loads offline exactly as the real one does with a warm cache.
+
+``generate`` runs each case of cases.json (see reference_parity.py) and writes, per case NAME:
+``NAME.image`` [H, W, 3] float32 in [0, 1] (``output_type="np"``), ``NAME.subject_embedding`` [1, Q, D]
+(the Q-Former on the pipeline's own preprocessing of the reference image), and, to locate a disagreement,
+what the pipeline handed on inside: ``NAME.pixel_values`` (the preprocessed reference image),
+``NAME.subject_ids``, ``NAME.prompt_ids`` and, when guided, ``NAME.negative_ids`` (token ids),
+``NAME.context`` (the U-Net's ``encoder_hidden_states`` at the first step, unconditional rows first) and
+``NAME.final_latents`` (the latents the VAE decodes, before division by the scaling factor).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+NUM_QUERY_TOKENS = 4
+IMAGE_SIZE = 32
+VISION_HIDDEN = 16
+TEXT_HIDDEN = 16  # the Q-Former's, the projection's and the CLIP text encoder's width alike
+PERTURBATION_SEED = 20240611
+BPE_MERGES = 200  # a cap: the corpus is fully merged after 165
+
+# The tiny CLIP BPE learns its merges from this text. It holds the words the parity cases use (the LAVIS
+# negative prompt included, which must stay within 77 tokens) so that they are whole tokens, as in the
+# real vocabulary; rarer words still split into several tokens, which exercises the merging.
+BPE_CORPUS = """
+a dog in the jungle, a dog on the beach, a cat on a red sofa, a red backpack, a backpack on a table
+a teddy bear in the snow, a cat wearing sunglasses, a dog with a city in the background, swimming
+over-exposure, under-exposure, saturated, duplicate, out of frame, lowres, cropped, worst quality,
+low quality, jpeg artifacts, morbid, mutilated, out of frame, ugly, bad anatomy, bad proportions,
+deformed, blurry, duplicate, a photo of a dog, a photo of a cat, a purple teddy bear, a shiny red dog
+"""
+
+# An uncased WordPiece vocabulary standing in for bert-base-uncased: the special tokens at BERT's
+# positions relative to each other, whole words for the subjects, and every lowercase letter both as a
+# word start and as a "##" continuation so that any lowercase word still tokenizes.
+WORDPIECE_SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+WORDPIECE_WORDS = [
+    "a", "the", "of", "and", "in", "on", "dog", "cat", "backpack", "teddy", "bear", "red", "plush", "##ie",
+    "sloth", "grey", "duck", "toy", "can", "candle", "clock", "vase", "teapot", "boot", "sneak", "##er",
+    "bowl", "berry", "robot", "car", "monster", "sun", "##glass", "##es", "pink", "color", "##ful", "shiny",
+    "wolf", "poop", "emoji", "cartoon", "##s", "##ing", ",", "-", ".",
+]
+LETTERS = [chr(code) for code in range(ord("a"), ord("z") + 1)]
+WORDPIECE_VOCAB = list(dict.fromkeys(
+    WORDPIECE_SPECIAL + WORDPIECE_WORDS + LETTERS + ["##" + letter for letter in LETTERS]))
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """CLIP's and GPT-2's reversible byte → printable character map: printable Latin-1 bytes stand for
+    themselves, the others move to code points from 256 upwards."""
+    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+                 + list(range(ord("®"), ord("ÿ") + 1)))
+    mapping = {byte: chr(byte) for byte in printable}
+    shift = 0
+    for byte in range(256):
+        if byte not in mapping:
+            mapping[byte] = chr(256 + shift)
+            shift += 1
+    return dict(sorted(mapping.items()))
+
+
+def train_clip_bpe(corpus: str, merges: int) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """A CLIP-style byte-level BPE: the 256 byte characters, the same with the "</w>" word end, the
+    learnt merges, then <|startoftext|> and <|endoftext|> (CLIP's vocabulary order). Ties between equally
+    frequent pairs go to the smallest pair, so the result is the same on every run."""
+    byte_chars = bytes_to_unicode()
+    words: collections.Counter[tuple[str, ...]] = collections.Counter()
+    for word in re.findall(r"[a-z]+|[0-9]|[^\sa-z0-9]+", corpus.lower()):
+        symbols = [byte_chars[byte] for byte in word.encode("utf-8")]
+        words[tuple(symbols[:-1]) + (symbols[-1] + "</w>",)] += 1
+
+    learnt: list[tuple[str, str]] = []
+    while len(learnt) < merges:
+        pairs: collections.Counter[tuple[str, str]] = collections.Counter()
+        for word, count in words.items():
+            for pair in zip(word, word[1:]):
+                pairs[pair] += count
+        if not pairs:
+            break
+        best = min(pairs, key=lambda pair: (-pairs[pair], pair))
+        learnt.append(best)
+        merged: collections.Counter[tuple[str, ...]] = collections.Counter()
+        for word, count in words.items():
+            symbols: list[str] = []
+            index = 0
+            while index < len(word):
+                if index + 1 < len(word) and (word[index], word[index + 1]) == best:
+                    symbols.append(word[index] + word[index + 1])
+                    index += 2
+                else:
+                    symbols.append(word[index])
+                    index += 1
+            merged[tuple(symbols)] += count
+        words = merged
+
+    tokens = list(byte_chars.values())
+    tokens += [token + "</w>" for token in byte_chars.values()]
+    tokens += [first + second for first, second in learnt]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    return {token: index for index, token in enumerate(dict.fromkeys(tokens))}, learnt
+
+
+def write_clip_bpe(folder: Path) -> None:
+    vocab, merges = train_clip_bpe(BPE_CORPUS, BPE_MERGES)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    # CLIPTokenizer skips the first line of merges.txt: the version header.
+    lines = ["#version: 0.2"] + [f"{first} {second}" for first, second in merges]
+    (folder / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def write_wordpiece(folder: Path) -> None:
+    """The files of the bert-base-uncased tokenizer that BertTokenizer reads: vocab.txt and the same
+    tokenizer_config.json as the real repository."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("\n".join(WORDPIECE_VOCAB) + "\n", encoding="utf-8")
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"do_lower_case": True, "model_max_length": 512}), encoding="utf-8")
+
+
+@contextmanager
+def offline_hub_with_bert(bert_tokenizer: Path) -> Iterator[None]:
+    """Point the Hugging Face libraries at a private, offline cache in which ``bert_tokenizer``'s files
+    are the snapshot of ``bert-base-uncased``. Must run before transformers or diffusers is imported:
+    huggingface_hub reads HF_HOME once, at import."""
+    if "huggingface_hub" in sys.modules:
+        raise RuntimeError("the cache must be set up before huggingface_hub is imported")
+    with tempfile.TemporaryDirectory(prefix="reference-hf-home-") as hf_home:
+        repo = Path(hf_home) / "hub" / "models--bert-base-uncased"
+        files = sorted(path for path in bert_tokenizer.iterdir() if path.is_file())
+        revision = hashlib.sha1(b"".join(path.read_bytes() for path in files)).hexdigest()
+        snapshot = repo / "snapshots" / revision
+        snapshot.mkdir(parents=True)
+        for path in files:
+            shutil.copyfile(path, snapshot / path.name)
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text(revision)
+        settings = {"HF_HOME": hf_home, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                    "HF_HUB_DISABLE_TELEMETRY": "1", "DIFFUSERS_VERBOSITY": "error", "TRANSFORMERS_VERBOSITY": "error"}
+        previous = {name: os.environ.get(name) for name in settings}
+        os.environ.update(settings)
+        try:
+            yield
+        finally:
+            for name, value in previous.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+
+
+def perturb_weights(modules: list[torch.nn.Module], seed: int) -> None:
+    """Add seeded noise to every floating-point tensor of every module's state dict, keys in sorted
+    order, so that no weight keeps its constructor's value (zeros, ones, or a shared initialisation
+    pattern an implementation could get right by accident). Vectors (biases, norms) move by 0.1;
+    matrices and kernels by 0.75/sqrt(fan-in): measured, another reference photo then moves the tiny
+    model's 32x32 image by ~0.1 and a 1e-2 relative error in the subject embedding by ~1e-2, while a
+    1e-6 error stays ~1e-6 (at 1.0/sqrt(fan-in) the denoising loop starts to amplify rounding)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in modules:
+            state = module.state_dict(keep_vars=True)
+            for key in sorted(state):
+                tensor = state[key]
+                if not tensor.is_floating_point():
+                    continue
+                fan_in = tensor[0].numel() if tensor.dim() >= 2 else 0
+                scale = 0.75 / fan_in**0.5 if fan_in > 1 else 0.1
+                noise = torch.randn(tensor.shape, generator=generator, dtype=torch.float32)
+                tensor.add_((noise * scale).to(tensor.dtype))
+
+
+def build(out: Path, bert_tokenizer: Path, serialization: str) -> None:
+    write_wordpiece(bert_tokenizer)
+    with offline_hub_with_bert(bert_tokenizer), tempfile.TemporaryDirectory() as scratch:
+        # Imported here, after the private cache is in place (see offline_hub_with_bert).
+        from diffusers import AutoencoderKL, BlipDiffusionPipeline, PNDMScheduler, UNet2DConditionModel
+        from diffusers.pipelines.blip_diffusion.blip_image_processing import BlipImageProcessor
+        from diffusers.pipelines.blip_diffusion.modeling_blip2 import Blip2QFormerModel
+        from diffusers.pipelines.blip_diffusion.modeling_ctx_clip import ContextCLIPTextModel
+        from transformers import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig, CLIPTextConfig, CLIPTokenizer
+
+        write_clip_bpe(Path(scratch))
+        tokenizer = CLIPTokenizer(str(Path(scratch) / "vocab.json"), str(Path(scratch) / "merges.txt"))
+
+        # The constructors initialise from the global generator: seed it so every build is the same.
+        torch.manual_seed(PERTURBATION_SEED)
+        vision = Blip2VisionConfig(
+            hidden_size=VISION_HIDDEN, intermediate_size=2 * VISION_HIDDEN, num_hidden_layers=2,
+            num_attention_heads=2, image_size=IMAGE_SIZE, patch_size=8, hidden_act="quick_gelu",
+            # LAVIS's ViT trained with 1e-5; the real config states it (the transformers default is 1e-6).
+            layer_norm_eps=1e-5, initializer_range=0.02)
+        qformer_config = Blip2QFormerConfig(
+            # The reference adds "[DEC]" to the WordPiece vocabulary, as the next id.
+            vocab_size=len(WORDPIECE_VOCAB) + 1, hidden_size=TEXT_HIDDEN, num_hidden_layers=2,
+            num_attention_heads=2, intermediate_size=2 * TEXT_HIDDEN, max_position_embeddings=32,
+            cross_attention_frequency=1, encoder_hidden_size=VISION_HIDDEN)
+        qformer = Blip2QFormerModel(Blip2Config(
+            vision_config=vision.to_dict(), qformer_config=qformer_config.to_dict(),
+            num_query_tokens=NUM_QUERY_TOKENS))
+        text_encoder = ContextCLIPTextModel(CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=TEXT_HIDDEN, intermediate_size=2 * TEXT_HIDDEN,
+            num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77, hidden_act="quick_gelu",
+            pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id))
+        # Two blocks each, so the U-Net's latent factor (2 ** (blocks - 1), which the reference uses) and
+        # the VAE's are both 2, as both are 8 for Stable Diffusion.
+        unet = UNet2DConditionModel(
+            sample_size=IMAGE_SIZE // 2, in_channels=4, out_channels=4, layers_per_block=1,
+            block_out_channels=(4, 8), norm_num_groups=2, cross_attention_dim=TEXT_HIDDEN, attention_head_dim=2,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, block_out_channels=(4, 8),
+            norm_num_groups=2, sample_size=IMAGE_SIZE, scaling_factor=0.18215,
+            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+        # Stable Diffusion v1.5's scheduler configuration.
+        scheduler = PNDMScheduler(
+            num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+            skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1)
+        image_processor = BlipImageProcessor(
+            size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, image_mean=CLIP_MEAN, image_std=CLIP_STD)
+        perturb_weights([qformer, text_encoder, unet, vae], PERTURBATION_SEED)
+
+        pipe = BlipDiffusionPipeline(
+            tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet, scheduler=scheduler,
+            qformer=qformer, image_processor=image_processor, ctx_begin_pos=2, mean=CLIP_MEAN, std=CLIP_STD)
+        pipe.save_pretrained(out, safe_serialization=serialization == "safetensors")
+    print(f"built {out} ({serialization}, {sum(f.stat().st_size for f in out.rglob('*') if f.is_file()):,} bytes)")
+
+
+def open_reference_image(images: Path, case: dict[str, Any]) -> Image.Image:
+    """The case's reference photo as a PIL image, cut to the case's ``crop`` box (left, top, right,
+    bottom) when it has one: DreamBench's photos are all square, and a crop is how a case exercises the
+    resize of a non-square image (the reference squashes it, without keeping the aspect ratio)."""
+    image = Image.open(images / case["reference_image"])
+    return image.crop(tuple(case["crop"])) if case.get("crop") else image
+
+
+def run_case(pipe: Any, case: dict[str, Any], images: Path) -> dict[str, np.ndarray]:
+    """One case through the reference pipeline, with the intermediate tensors captured where the
+    pipeline hands them on (so they are what it used, not a re-derivation)."""
+    reference_image = open_reference_image(images, case)
+    captured: dict[str, list[torch.Tensor]] = collections.defaultdict(list)
+
+    def keep(name: str, tensor: torch.Tensor) -> None:
+        captured[name].append(tensor.detach().clone())
+
+    hooks = [
+        pipe.qformer.register_forward_pre_hook(
+            lambda _m, _args, kwargs: keep("pixel_values", kwargs["image_input"]), with_kwargs=True),
+        pipe.qformer.embeddings.register_forward_pre_hook(
+            lambda _m, _args, kwargs: keep("subject_ids", kwargs["input_ids"]), with_kwargs=True),
+        # The prompt first, then (guided only) the negative prompt.
+        pipe.text_encoder.register_forward_pre_hook(
+            lambda _m, _args, kwargs: keep("text_ids", kwargs["input_ids"]), with_kwargs=True),
+        pipe.unet.register_forward_pre_hook(
+            lambda _m, _args, kwargs: keep("context", kwargs["encoder_hidden_states"]), with_kwargs=True),
+        # decode() divides by the scaling factor before post_quant_conv; undo it to report the latents.
+        pipe.vae.post_quant_conv.register_forward_pre_hook(
+            lambda _m, args: keep("final_latents", args[0] * pipe.vae.config.scaling_factor)),
+    ]
+    try:
+        image = pipe(
+            case["prompt"], reference_image, case["source_subject"], case["target_subject"],
+            guidance_scale=case["guidance_scale"], height=case["height"], width=case["width"],
+            num_inference_steps=case["num_inference_steps"],
+            generator=torch.Generator("cpu").manual_seed(case["seed"]),
+            neg_prompt=case["negative_prompt"], output_type="np").images
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+    pixel_values = pipe.image_processor.preprocess(
+        reference_image, image_mean=pipe.config.mean, image_std=pipe.config.std, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        subject_embedding = pipe.qformer(image_input=pixel_values, text_input=[case["source_subject"]],
+                                         return_dict=False)
+    outputs = {
+        "image": np.asarray(image[0], dtype=np.float32),
+        "subject_embedding": subject_embedding.numpy(),
+        "pixel_values": captured["pixel_values"][0].numpy(),
+        "subject_ids": captured["subject_ids"][0].numpy(),
+        "prompt_ids": captured["text_ids"][0].numpy(),
+        "context": captured["context"][0].numpy(),
+        "final_latents": captured["final_latents"][0].numpy(),
+    }
+    if len(captured["text_ids"]) > 1:
+        outputs["negative_ids"] = captured["text_ids"][1].numpy()
+    return outputs
+
+
+def generate(model: Path, bert_tokenizer: Path, cases_file: Path, images: Path, out: Path) -> None:
+    cases = json.loads(cases_file.read_text())
+    with offline_hub_with_bert(bert_tokenizer):
+        from diffusers import BlipDiffusionPipeline
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.disable_progress_bar()
+        pipe = BlipDiffusionPipeline.from_pretrained(model)
+        pipe.set_progress_bar_config(disable=True)
+        arrays: dict[str, np.ndarray] = {}
+        for case in cases:
+            for key, value in run_case(pipe, case, images).items():
+                arrays[f"{case['name']}.{key}"] = value
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(out, **arrays)
+    print(f"wrote {len(cases)} cases to {out}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    build_parser = commands.add_parser("build", help="build and save the tiny reference checkpoint")
+    build_parser.add_argument("--out", type=Path, required=True)
+    build_parser.add_argument("--bert-tokenizer", type=Path, required=True,
+                              help="folder to write the tiny WordPiece tokenizer to (bert-base-uncased's stand-in)")
+    build_parser.add_argument("--format", choices=["bin", "safetensors"], default="safetensors")
+    generate_parser = commands.add_parser("generate", help="run the parity cases through the reference pipeline")
+    generate_parser.add_argument("--model", type=Path, required=True)
+    generate_parser.add_argument("--bert-tokenizer", type=Path, required=True,
+                                 help="the folder build wrote, served as the cached bert-base-uncased")
+    generate_parser.add_argument("--cases", type=Path, required=True)
+    generate_parser.add_argument("--images", type=Path, required=True,
+                                 help="the folder the cases' reference_image paths are relative to")
+    generate_parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    if args.command == "build":
+        build(args.out, args.bert_tokenizer, args.format)
+    else:
+        generate(args.model, args.bert_tokenizer, args.cases, args.images, args.out)
+
+
+if __name__ == "__main__":
+    main()

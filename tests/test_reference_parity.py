@@ -1,0 +1,108 @@
+"""Parity with the reference implementation (diffusers' BlipDiffusionPipeline) without its side
+environment: the reference's own tiny checkpoint and outputs, committed by ``bench/reference_parity.py
+--write-fixtures`` (see tests/fixtures/reference_parity/README.md).
+
+The fixture is only worth having if the mistakes a port makes fail it, so the same comparison also runs
+on deliberately broken pipelines and must fail each time."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import shared_path
+
+pytest.importorskip("diffusers")
+from reference_parity import EMBEDDING_TOLERANCE, IMAGE_TOLERANCE, load_npz, max_abs, relative_error, run_blipdiff
+
+FIXTURES = Path(__file__).parent / "fixtures" / "reference_parity"
+CASES = json.loads((FIXTURES / "cases.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory, one_torch_thread):
+    """The reference-built checkpoint, with the stand-in bert-base-uncased as the checkpoint's tokenizer
+    copy (the same vocabulary the reference read from its cache)."""
+    from blipdiff.models.blip_diffusion import BlipDiffusionPipeline
+
+    folder = tmp_path_factory.mktemp("parity") / "checkpoint"
+    shutil.copytree(FIXTURES / "checkpoint", folder)
+    shutil.copytree(FIXTURES / "bert-base-uncased", folder / "qformer" / "tokenizer")
+    loaded = BlipDiffusionPipeline.from_pretrained(folder)
+    loaded.set_progress_bar_config(disable=True)
+    return loaded
+
+
+@pytest.fixture(scope="module")
+def dreambench() -> Path:
+    return shared_path("dreambench", "dataset")
+
+
+def worst_errors(pipe, dreambench: Path) -> tuple[float, float]:
+    """The largest image max-abs and subject-embedding relative error over every case."""
+    ours = run_blipdiff(pipe, CASES, dreambench)
+    reference = load_npz(FIXTURES / "reference.npz")
+    images = [max_abs(ours[f"{case['name']}.image"], reference[f"{case['name']}.image"]) for case in CASES]
+    embeddings = [relative_error(ours[f"{case['name']}.subject_embedding"],
+                                 reference[f"{case['name']}.subject_embedding"]) for case in CASES]
+    return max(images), max(embeddings)
+
+
+def test_the_reference_images_and_subject_embeddings_are_reproduced(pipe, dreambench):
+    image_error, embedding_error = worst_errors(pipe, dreambench)
+    assert image_error <= IMAGE_TOLERANCE
+    assert embedding_error <= EMBEDDING_TOLERANCE
+
+
+def test_the_reference_token_ids_are_reproduced(pipe, dreambench):
+    ours = run_blipdiff(pipe, CASES, dreambench)
+    reference = load_npz(FIXTURES / "reference.npz")
+    for case in CASES:
+        for ids in ("prompt_ids", "subject_ids", "negative_ids"):
+            key = f"{case['name']}.{ids}"
+            if key in reference:
+                np.testing.assert_array_equal(ours[key], reference[key], err_msg=key)
+
+
+def test_a_text_encoder_without_the_causal_mask_fails_parity(pipe, dreambench, monkeypatch):
+    import torch
+    from blipdiff.models.blip_diffusion import text_encoder
+
+    monkeypatch.setattr(text_encoder, "causal_mask",
+                        lambda length, dtype, device: torch.zeros(1, 1, length, length, dtype=dtype, device=device))
+    image_error, _ = worst_errors(pipe, dreambench)
+    assert image_error > IMAGE_TOLERANCE
+
+
+def test_a_subject_embedding_one_position_off_fails_parity(pipe, dreambench, monkeypatch):
+    monkeypatch.setattr(pipe, "ctx_begin_pos", pipe.ctx_begin_pos + 1)
+    image_error, _ = worst_errors(pipe, dreambench)
+    assert image_error > IMAGE_TOLERANCE
+
+
+@pytest.mark.parametrize("mistake", ["bilinear resize", "centre crop"])
+def test_the_wrong_image_preprocessing_fails_parity(pipe, dreambench, monkeypatch, mistake):
+    from PIL import Image
+
+    processor = pipe.image_processor
+    if mistake == "bilinear resize":
+        monkeypatch.setattr(processor, "resample", Image.Resampling.BILINEAR)
+    else:
+        # LAVIS's evaluation transform: the shorter side to the size, then a centre crop.
+        from blipdiff.models.blip_diffusion import image_processor as module
+
+        open_rgb = module.open_rgb
+
+        def centre_cropped(image):
+            rgb = open_rgb(image)
+            side = min(rgb.size)
+            left, top = (rgb.width - side) // 2, (rgb.height - side) // 2
+            return rgb.crop((left, top, left + side, top + side))
+
+        monkeypatch.setattr(module, "open_rgb", centre_cropped)
+    image_error, embedding_error = worst_errors(pipe, dreambench)
+    assert embedding_error > EMBEDDING_TOLERANCE
+    assert image_error > IMAGE_TOLERANCE
