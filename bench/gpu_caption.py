@@ -228,14 +228,15 @@ def random_captioner(tiny: bool, device: torch.device, dtype: torch.dtype) -> An
     return Blip2Captioner.from_modules(network, processor)
 
 
-def throughput_parser(doc: str, model: str, batch_sizes: list[int]) -> argparse.ArgumentParser:
-    """The options every model-throughput benchmark shares."""
+def throughput_parser(doc: str, model: str, batch_sizes: list[int],
+                      dtype: str | None = None) -> argparse.ArgumentParser:
+    """The options every model-throughput benchmark shares; ``dtype`` None: float16 on CUDA, float32 on the CPU."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=model, help="hub id or folder of real weights")
     parser.add_argument("--tiny", action="store_true", help="a tiny random model (smoke run, e.g. on the CPU)")
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"],
-                        help="default: float16 on CUDA, float32 on the CPU")
+    parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=dtype,
+                        help=f"default: {dtype}" if dtype else "default: float16 on CUDA, float32 on the CPU")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=batch_sizes)
     parser.add_argument("--warmup", type=int, default=2, help="untimed batches per batch size")
     parser.add_argument("--batches", type=int, default=5, help="timed batches per batch size")

@@ -121,22 +121,22 @@ def generate_images(config: GenerateConfig, log=print) -> Path:
     for prompt_index, prompt in enumerate(config.prompts):
         names = [image_name(prompt_index, k) for k in range(config.num_images)]
         missing = [k for k, name in enumerate(names) if not (config.out / name).is_file()]
-        if missing:
-            images = pipe(
+        for k in missing:
+            # One image per call: a batch rounds differently from the single call that remakes the image.
+            image = pipe(
                 prompt, target_subject_category=config.target_subject or config.subject,
                 subject_embeds=subject_embeds, guidance_scale=config.guidance, height=config.height,
                 width=config.width, num_inference_steps=config.steps, neg_prompt=config.negative_prompt,
-                generator=[torch.Generator("cpu").manual_seed(config.seed + k) for k in missing],
-                num_images_per_prompt=len(missing)).images
-            for k, image in zip(missing, images):
-                with atomic_path(config.out / names[k]) as partial:
-                    image.save(partial, format="PNG")
+                generator=torch.Generator("cpu").manual_seed(config.seed + k)).images[0]
+            with atomic_path(config.out / names[k]) as partial:
+                image.save(partial, format="PNG")
         log(f"prompt {prompt_index + 1}/{len(config.prompts)}: {len(missing)} made, "
             f"{config.num_images - len(missing)} already there")
         rows += [{"file": name, "prompt_index": prompt_index, "prompt": prompt, "image_index": k,
                   "seed": config.seed + k} for k, name in enumerate(names)]
     settings = config.settings()
     settings["images"] = [str(path.resolve()) for path in config.images]
+    settings["base_seed"] = settings.pop("seed")  # each row's seed is base_seed + image_index
     frame = pd.DataFrame(rows).assign(**{key: [value] * len(rows) for key, value in settings.items()})
     frame["created"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     manifest = config.out / MANIFEST

@@ -27,6 +27,29 @@ def clip_tokenizer() -> transformers.CLIPTokenizer:
     return transformers.CLIPTokenizer().train_new_from_iterator(CORPUS, vocab_size=400)
 
 
+def fixed_clip_tokenizer() -> transformers.CLIPTokenizer:
+    """A CLIP tokenizer with the same vocabulary in every process: CLIP's byte alphabet (with and without
+    "</w>"), then one chain of merges per word of CORPUS. (The BPE trainer orders its alphabet and breaks
+    ties by hash, so two trainings give different ids; two BLIP-Diffusion builds with the same seed,
+    in one process or two, must be identical.)"""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    alphabet = list(bytes_to_unicode().values())
+    vocab = {token: i for i, token in enumerate(alphabet + [c + "</w>" for c in alphabet])}
+    merges = []
+    for word in sorted({word for line in CORPUS for word in line.split()}):
+        symbols = list(word[:-1]) + [word[-1] + "</w>"]
+        merged = symbols[0]
+        for symbol in symbols[1:]:
+            if (merged, symbol) not in merges:
+                merges.append((merged, symbol))
+                vocab.setdefault(merged + symbol, len(vocab))
+            merged += symbol
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab[special] = len(vocab)
+    return transformers.CLIPTokenizer(vocab=vocab, merges=merges)
+
+
 def opt_tokenizer() -> transformers.GPT2Tokenizer:
     """An OPT-style tokenizer: GPT-2 byte-level BPE trained on CORPUS, with OPT's special tokens
     ("</s>" as BOS and EOS, "<pad>") and BOS prepended, as facebook/opt-* does."""
@@ -112,7 +135,8 @@ def subject_tokenizer(folder: Path) -> Path:
     """A tiny uncased WordPiece tokenizer, saved as bert-base-uncased is (vocab.txt, no [DEC])."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.txt").write_text("\n".join(SUBJECT_VOCAB) + "\n")
-    transformers.BertTokenizer(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
+    # transformers 5's BertTokenizer ignores a vocab_file argument (it would hold the five specials only).
+    transformers.BertTokenizer(vocab={token: i for i, token in enumerate(SUBJECT_VOCAB)}).save_pretrained(folder)
     return folder
 
 
@@ -122,6 +146,21 @@ def perturb(module: torch.nn.Module, generator: torch.Generator, scale: float = 
         for _, value in sorted(module.state_dict().items()):
             if value.is_floating_point():
                 value.add_(torch.randn(value.shape, generator=generator) * scale)
+
+
+def _tiny_blip_diffusion_modules(qformer_config, text_config) -> dict[str, torch.nn.Module]:
+    import diffusers
+    from blipdiff.models.blip_diffusion import ContextCLIPTextModel, SubjectEncoder
+
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8)
+    vae = diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, block_out_channels=(8, 16), latent_channels=4, norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=32)
+    return {"qformer": SubjectEncoder(qformer_config), "text_encoder": ContextCLIPTextModel(text_config),
+            "unet": unet, "vae": vae}
 
 
 def save_tiny_blip_diffusion(folder: Path, weights: str = "safetensors", tokenizer_entry: Path | None = None,
@@ -134,7 +173,6 @@ def save_tiny_blip_diffusion(folder: Path, weights: str = "safetensors", tokeniz
     import json
 
     import diffusers
-    from blipdiff.models.blip_diffusion import ContextCLIPTextModel, SubjectEncoder
     from safetensors.torch import save_file
 
     generator = torch.Generator().manual_seed(seed)
@@ -147,20 +185,16 @@ def save_tiny_blip_diffusion(folder: Path, weights: str = "safetensors", tokeniz
                                               cross_attention_frequency=1, max_position_embeddings=64)
     qformer_config = transformers.Blip2Config(vision_config=vision.to_dict(), qformer_config=qformer.to_dict(),
                                               num_query_tokens=NUM_QUERY_TOKENS)
-    tokenizer = clip_tokenizer()
+    tokenizer = fixed_clip_tokenizer()
     text_config = transformers.CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
         max_position_embeddings=77, hidden_act="quick_gelu", pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    unet = diffusers.UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8)
-    vae = diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, block_out_channels=(8, 16), latent_channels=4, norm_num_groups=4,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=32)
-    modules = {"qformer": SubjectEncoder(qformer_config), "text_encoder": ContextCLIPTextModel(text_config),
-               "unet": unet, "vae": vae}
+    # The modules' own initialisation draws from the global generator: seed it too (without disturbing
+    # the caller's), so that the same seed gives the same weights in every process and every call.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        modules = _tiny_blip_diffusion_modules(qformer_config, text_config)
     for module in modules.values():
         perturb(module, generator)
 

@@ -151,7 +151,11 @@ def save_tokenizer(tokenizer, folder: Path) -> None:
 
 def load_diffusers_model(model_class: type, root: Path, component: str, dtype: torch.dtype) -> nn.Module:
     """A diffusers model (U-Net, VAE, ControlNet) with every key accounted for."""
-    model, info = model_class.from_pretrained(root, subfolder=component, torch_dtype=dtype, output_loading_info=True)
+    try:
+        model, info = model_class.from_pretrained(root, subfolder=component, torch_dtype=dtype,
+                                                  output_loading_info=True)
+    except (OSError, ValueError) as error:  # diffusers' words for a missing file or a misshapen key
+        raise CheckpointError(f"{component}: {str(error).split('. If you want')[0]}") from error
     raise_for_keys(component, info["missing_keys"], info["unexpected_keys"],
                    [str(key) for key in info.get("mismatched_keys", [])])
     return model.eval()
@@ -178,6 +182,10 @@ def load_subject_tokenizer(root: Path, qformer_config: Mapping[str, Any]):
             tokenizer = BertTokenizer.from_pretrained(source, truncation_side="right")
         except (OSError, ValueError) as error:
             failures.append(f"{description}: {str(error).splitlines()[0]}")
+            continue
+        if tokenizer.vocab_size <= len(set(tokenizer.all_special_ids)):
+            # transformers 5 returns a tokenizer of the special tokens alone where it finds no vocabulary.
+            failures.append(f"{description}: no vocabulary (vocab.txt or tokenizer.json) there")
             continue
         if tokenizer.bos_token != DECODER_TOKEN:
             tokenizer.add_special_tokens({"bos_token": DECODER_TOKEN})

@@ -145,6 +145,9 @@ class BlipDiffusionPipeline:
         for name in ("qformer", "text_encoder"):
             (root / name).mkdir()
         qformer_config = self.qformer.config.to_dict()
+        # The saved copy of the subject tokenizer is the one to read: an entry naming another place
+        # would take precedence over it and tie the checkpoint to that place.
+        qformer_config.pop("tokenizer", None)
         (root / "qformer" / "config.json").write_text(json.dumps(qformer_config, indent=2, sort_keys=True) + "\n")
         checkpoint.save_module(self.qformer, root / "qformer")
         checkpoint.save_tokenizer(self.subject_tokenizer, root / "qformer" / checkpoint.SUBJECT_TOKENIZER_COPY)
@@ -315,7 +318,9 @@ class BlipDiffusionPipeline:
         batch = count * num_images_per_prompt
 
         latents = self._initial_latents(batch, height, width, generator, latents)
-        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+        # Timesteps stay on the CPU (as in the released pipeline): PNDM indexes CPU tables with them, and
+        # GPU timesteps would cost a device-to-host wait every step.
+        self.scheduler.set_timesteps(num_inference_steps)
         step_kwargs = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
         from tqdm.auto import tqdm
 
@@ -335,8 +340,11 @@ class BlipDiffusionPipeline:
                         subject_embeds: torch.Tensor | None, weights: Sequence[float] | None) -> torch.Tensor:
         """[count, Q, D]: the given embeddings, or one embedding per distinct source category."""
         if subject_embeds is not None:
-            if subject_embeds.ndim != 3 or subject_embeds.shape[0] not in (1, count):
-                raise ValueError(f"subject_embeds must be [1 or {count}, Q, D], not {list(subject_embeds.shape)}")
+            size = (self.qformer.num_query_tokens, self.text_encoder.config.hidden_size)
+            if subject_embeds.ndim != 3 or subject_embeds.shape[0] not in (1, count) \
+                    or tuple(subject_embeds.shape[1:]) != size:
+                raise ValueError(f"subject_embeds must be [1 or {count}, {size[0]}, {size[1]}], "
+                                 f"not {list(subject_embeds.shape)}")
             return subject_embeds.expand(count, -1, -1).to(self.device)
         if reference_image is None or sources is None:
             raise ValueError("give reference_image and source_subject_category, or subject_embeds")
