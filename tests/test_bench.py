@@ -23,3 +23,19 @@ def test_a_gpu_benchmark_runs_end_to_end_on_the_cpu(script, last_line):
     rows = [line for line in done.stdout.splitlines() if line.startswith(("| 1 |", "| 2 |"))]
     assert {row.split("|")[1].strip() for row in rows} == {"1", "2"}, done.stdout
     assert done.stdout.strip().splitlines()[-1].startswith(last_line)
+
+
+def test_the_gpu_generate_benchmark_runs_end_to_end_on_the_cpu():
+    pytest.importorskip("diffusers")
+    photos = shared_path("dreambench", "dataset")
+    # float32: the CPU's bf16 kernels spend seconds preparing every new shape, and a smoke run has only new shapes.
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_generate.py"), "--device", "cpu", "--tiny",
+                           "--no-record", "--dtype", "float32", "--batch-sizes", "1", "2", "--steps", "2",
+                           "--warmup", "0", "--batches", "1", "--embedding-calls", "1", "--pool", "2",
+                           "--photos", str(photos)],
+                          capture_output=True, text=True, timeout=600, cwd=REPO / "bench")
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line.split("|")[1:3] for line in done.stdout.splitlines() if line.startswith("| 2 |")]
+    assert {batch.strip() for _, batch in rows} == {"1", "2"}, done.stdout
+    assert "subject embedding:" in done.stdout
+    assert done.stdout.strip().splitlines()[-1].startswith("DreamBench's 3,000 images at 2 steps, batch 2:")
