@@ -151,11 +151,21 @@ def save_tokenizer(tokenizer, folder: Path) -> None:
 
 def load_diffusers_model(model_class: type, root: Path, component: str, dtype: torch.dtype) -> nn.Module:
     """A diffusers model (U-Net, VAE, ControlNet) with every key accounted for."""
+    from diffusers.utils import logging as diffusers_logging
+
+    # Saying which format to read spares diffusers' search for the other one and its message about it.
+    safetensors = any((root / component).glob("*.safetensors"))
+    # Key problems are raised below, naming the keys: diffusers' own warnings about them (newly
+    # initialised weights) would only precede the error.
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
     try:
         model, info = model_class.from_pretrained(root, subfolder=component, torch_dtype=dtype,
-                                                  output_loading_info=True)
+                                                  use_safetensors=safetensors, output_loading_info=True)
     except (OSError, ValueError) as error:  # diffusers' words for a missing file or a misshapen key
         raise CheckpointError(f"{component}: {str(error).split('. If you want')[0]}") from error
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
     raise_for_keys(component, info["missing_keys"], info["unexpected_keys"],
                    [str(key) for key in info.get("mismatched_keys", [])])
     return model.eval()
