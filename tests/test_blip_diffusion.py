@@ -283,7 +283,7 @@ else:
 """
 
 
-def load_in_subprocess(folder: Path, hf_home: Path) -> dict:
+def load_in_subprocess(folder: Path | str, hf_home: Path) -> dict:
     environment = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     environment.pop("HF_HUB_CACHE", None)
     environment.pop("HUGGINGFACE_HUB_CACHE", None)
@@ -312,6 +312,23 @@ def test_subject_tokenizer_from_the_hugging_face_cache(checkpoint, tmp_path):
     assert "error" not in loaded, loaded
     assert loaded == {"dec": DECODER_ID, "length": DECODER_ID + 1, "ids": [2, SUBJECT_VOCAB.index("dog"), 3],
                       "tokens": ["[CLS]", "dog", "[SEP]"]}
+
+
+def test_a_hub_id_loads_offline_from_the_hugging_face_cache(checkpoint, tmp_path):
+    """The checkpoint as huggingface_hub caches Salesforce/blipdiffusion, with the hub repo's unlisted
+    vision_encoder/ (here unreadable, so reading it would fail)."""
+    repo = tmp_path / "hf-home" / "hub" / "models--Salesforce--blipdiffusion"
+    commit = "89abcdef0123456789abcdef0123456789abcdef"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = copy_checkpoint(checkpoint, repo / "snapshots" / commit)
+    (snapshot / "vision_encoder").mkdir()
+    (snapshot / "vision_encoder" / "config.json").write_text("{ not json")
+    loaded = load_in_subprocess("Salesforce/blipdiffusion", tmp_path / "hf-home")
+    assert loaded == {"dec": DECODER_ID, "length": DECODER_ID + 1, "ids": [2, SUBJECT_VOCAB.index("dog"), 3],
+                      "tokens": ["[CLS]", "dog", "[SEP]"]}
+    missing = load_in_subprocess("Salesforce/blipdiffusion-controlnet", tmp_path / "hf-home")
+    assert "not in the Hugging Face cache while offline" in missing["error"]
 
 
 def test_no_subject_tokenizer_offline_is_one_error_naming_the_three_ways(checkpoint, tmp_path):
