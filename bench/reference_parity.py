@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/reference_parity.py                      # build, generate, compare, record
     .venv/bin/python bench/reference_parity.py --write-fixtures tests/fixtures/reference_parity
+    .venv/bin/python bench/reference_parity.py --real-size          # the released architecture, random weights
 
 The reference only runs on diffusers 0.32.2 with transformers 4.44.2, so it runs in a side virtual
 environment (``.reference-venv`` by default; created when missing, ``--fresh`` recreates it) through
@@ -9,8 +10,17 @@ bench/reference_side.py. That side builds a tiny random BLIP-Diffusion from the 
 weight perturbed) and saves it as safetensors and as ``.bin``; both sides then run the same cases (real
 DreamBench photos as reference images, so the reference image resize matters; guided and unguided; a
 negative prompt; a target subject other than the source; two sizes) and their images (max abs on
-[0, 1]) and subject embeddings (max relative error) are compared. Then the other way: blipdiff saves the
-checkpoint and the reference loads and runs it. The table goes to docs/benchmarks.md.
+[0, 1]), subject embeddings and the U-Net's context (max relative error) are compared. Then the other
+way: blipdiff saves the checkpoint and the reference loads and runs it. The table goes to
+docs/benchmarks.md.
+
+``--real-size`` does the same on the released checkpoint's real architecture (CLIP ViT-L/14 of 23 layers,
+the BERT-base Q-Former with 16 queries, CLIP ViT-L's text encoder, Stable Diffusion v1.5's U-Net and VAE;
+1.56 billion random, perturbed weights; tokenizers padded to the real vocabulary sizes) with fewer and
+cheaper cases: 64-pixel images, two or three PNDM steps. The three checkpoints (the reference's
+safetensors and ``.bin``, blipdiff's save) take about 19 GB in the work folder; the two sides run one
+after the other, each holding one copy of the model (about 7 GB resident). About four minutes on two CPU
+cores. Its table goes to a section of its own.
 
 ``--write-fixtures DIR`` copies the reference-built checkpoint, the stand-in ``bert-base-uncased``
 tokenizer, the cases and the reference outputs into DIR, so a regular test can guard parity without
@@ -25,6 +35,7 @@ import contextlib
 import hashlib
 import json
 import platform
+import resource
 import shutil
 import subprocess
 import sys
@@ -37,7 +48,7 @@ from typing import Any
 import numpy as np
 import torch
 from benchmark_record import ROOT, host, record
-from reference_side import IMAGE_SIZE, NUM_QUERY_TOKENS, TEXT_HIDDEN, offline_hub_with_bert, open_reference_image
+from reference_side import REAL, TINY, call_pipeline, offline_hub_with_bert, open_reference_image
 
 SIDE_SCRIPT = Path(__file__).resolve().with_name("reference_side.py")
 DEFAULT_SIDE_ENV = ROOT / ".reference-venv"
@@ -49,7 +60,10 @@ SIDE_TORCH = "torch==2.13.0"
 SIDE_PACKAGES = ["diffusers==0.32.2", "transformers==4.44.2", "huggingface_hub==0.36.2", "tokenizers==0.19.1",
                  "safetensors==0.8.0", "numpy==2.4.6", "pillow==13.0.0"]
 SIDE_MARKER = "reference-packages.txt"
+SERIALIZATIONS = ("safetensors", "bin")  # the reference saves the checkpoint in each; blipdiff loads each
 IMAGE_TOLERANCE = 1e-3
+# max|a-b|/max|b|, for the U-Net's context too. Both are compared directly, not only through the image:
+# at real size, noise of 1e-2 relative to the subject embedding moved the 3-step image by only 1.5e-3.
 EMBEDDING_TOLERANCE = 1e-4
 FIXTURE_BUDGET = 400_000
 LAVIS_NEGATIVE = ("over-exposure, under-exposure, saturated, duplicate, out of frame, lowres, cropped, worst quality, "
@@ -82,17 +96,60 @@ CASES = [
 ]
 
 
+# For the released architecture (1.56 billion parameters) on a CPU: fewer cases, 64-pixel images (8x8
+# latents), two or three steps. The dog cases pair up as above; the last case's latents (8x6) are not a
+# multiple of the U-Net's downsampling factor (8), so its up-blocks are told their sizes.
+REAL_SIZE_CASES = [
+    _case("dog_guided_64", "in the jungle", "dog/00.jpg", "dog", "dog", 7.5, 64, 64, 3, 0),
+    _case("dog_unguided_64", "in the jungle", "dog/00.jpg", "dog", "dog", 1.0, 64, 64, 3, 0),
+    _case("dog_other_photo_64", "in the jungle", "dog/03.jpg", "dog", "dog", 7.5, 64, 64, 3, 0),
+    _case("cat_wide_negative_64x48", "on a red sofa", "cat/01.jpg", "cat", "cat", 7.5, 64, 48, 2, 88888,
+          LAVIS_NEGATIVE, crop=(0, 300, 1277, 1000)),
+]
+
+
+@dataclass(frozen=True)
+class Mode:
+    """What one run measures."""
+    title: str  # of its docs/benchmarks.md section
+    size: str  # reference_side.py build --size
+    model: str  # a description for the record
+    cases: list[dict[str, Any]]
+    photo_pair: tuple[str, str]  # two cases that differ only in the reference photo
+    guidance_pair: tuple[str, str]  # two cases that differ only in the guidance scale
+
+
+TINY_MODE = Mode(
+    "BLIP-Diffusion parity with the reference pipeline (tiny random checkpoint)", "tiny",
+    f"tiny random BLIP-Diffusion built by the reference ({TINY.image_size}² subject images, {TINY.num_query_tokens} "
+    f"query tokens, hidden {TINY.text_hidden}, U-Net and VAE of two blocks)",
+    CASES, ("dog_guided_32", "dog_other_photo_32"), ("dog_guided_32", "dog_unguided_32"))
+REAL_SIZE_MODE = Mode(
+    "BLIP-Diffusion parity with the reference pipeline (real-size random checkpoint)", "real",
+    "the released checkpoint's architecture with random weights, built by the reference: CLIP ViT-L/14 of "
+    f"{REAL.vision['num_hidden_layers']} layers at {REAL.image_size}² (hidden {REAL.vision['hidden_size']}, "
+    f"{REAL.vision['num_attention_heads']} heads, MLP {REAL.vision['intermediate_size']}, LayerNorm eps "
+    f"{REAL.vision['layer_norm_eps']:g}), the BERT-base Q-Former (hidden {REAL.text_hidden}, "
+    f"{REAL.qformer['num_hidden_layers']} layers, cross-attention every layer) with {REAL.num_query_tokens} queries, "
+    "CLIP ViT-L's text encoder, Stable Diffusion v1.5's U-Net and VAE, SD1.5's PNDM; tokenizers: tiny trained "
+    f"vocabularies padded with fillers to the real sizes ({REAL.clip_vocab:,} CLIP BPE tokens; "
+    f"{REAL.wordpiece_vocab:,} WordPiece tokens, so [DEC] = {REAL.wordpiece_vocab})",
+    REAL_SIZE_CASES, ("dog_guided_64", "dog_other_photo_64"), ("dog_guided_64", "dog_unguided_64"))
+
+
 @dataclass
 class Row:
     case: str
     direction: str
     image_max_abs: float
     embedding_rel_err: float
+    context_rel_err: float
     diagnosis: str = ""
 
     @property
     def passed(self) -> bool:
-        return self.image_max_abs <= IMAGE_TOLERANCE and self.embedding_rel_err <= EMBEDDING_TOLERANCE
+        return (self.image_max_abs <= IMAGE_TOLERANCE and self.embedding_rel_err <= EMBEDDING_TOLERANCE
+                and self.context_rel_err <= EMBEDDING_TOLERANCE)
 
 
 def ensure_side_env(env: Path, fresh: bool) -> Path:
@@ -121,6 +178,12 @@ def side_versions(python: Path) -> str:
             "transformers {transformers.__version__}, torch {torch.__version__}, huggingface_hub "
             "{huggingface_hub.__version__}, Pillow {PIL.__version__}')")
     return subprocess.run([str(python), "-c", code], check=True, capture_output=True, text=True).stdout.strip()
+
+
+def peak_memory_gib(who: int) -> float:
+    """The largest resident set so far of this process (RUSAGE_SELF) or of any of its finished children
+    (RUSAGE_CHILDREN), in GiB."""
+    return resource.getrusage(who).ru_maxrss / 2**20
 
 
 def run_side(python: Path, *arguments: str) -> None:
@@ -159,16 +222,7 @@ def run_blipdiff(pipe: Any, cases: list[dict[str, Any]], images: Path) -> dict[s
             pipe.vae.post_quant_conv.register_forward_pre_hook(
                 lambda _m, args: keep("final_latents", args[0] * pipe.vae.config.scaling_factor)),
         ]
-        try:
-            image = pipe(
-                case["prompt"], reference_image, case["source_subject"], case["target_subject"],
-                guidance_scale=case["guidance_scale"], height=case["height"], width=case["width"],
-                num_inference_steps=case["num_inference_steps"],
-                generator=torch.Generator("cpu").manual_seed(case["seed"]),
-                neg_prompt=case["negative_prompt"], output_type="np").images
-        finally:
-            for hook in hooks:
-                hook.remove()
+        image = call_pipeline(pipe, case, reference_image, hooks)
         embedding = pipe.subject_embedding(reference_image, case["source_subject"])
         name = case["name"]
         outputs |= {
@@ -200,7 +254,8 @@ def compare(ours: dict[str, np.ndarray], reference: dict[str, np.ndarray], cases
     for case in cases:
         name = case["name"]
         row = Row(name, direction, max_abs(ours[f"{name}.image"], reference[f"{name}.image"]),
-                  relative_error(ours[f"{name}.subject_embedding"], reference[f"{name}.subject_embedding"]))
+                  relative_error(ours[f"{name}.subject_embedding"], reference[f"{name}.subject_embedding"]),
+                  relative_error(ours[f"{name}.context"], reference[f"{name}.context"]))
         if not row.passed:
             row.diagnosis = diagnose(ours, reference, name)
         rows.append(row)
@@ -231,20 +286,33 @@ def diagnose(ours: dict[str, np.ndarray], reference: dict[str, np.ndarray], case
     return "\n".join(lines)
 
 
-def reference_sanity(safetensors_run: dict[str, np.ndarray], bin_run: dict[str, np.ndarray]) -> dict[str, float]:
+SAME_WEIGHTS = "safetensors vs .bin checkpoint, largest difference"
+OTHER_PHOTO_IMAGE = "another dog photo, image max abs"
+OTHER_PHOTO_EMBEDDING = "another dog photo, embedding relative"
+GUIDANCE = "guidance 7.5 vs 1.0, image max abs"
+
+
+def reference_sanity(references: dict[str, dict[str, np.ndarray]], mode: Mode) -> dict[str, float]:
     """The reference's own behaviour the comparison relies on: the same weights in either format give
-    bit-identical outputs (two independent runs, so generation is deterministic), and the reference
-    photo and the guidance each move the image far beyond the tolerance."""
+    bit-identical outputs (two independent runs, so generation is deterministic), and the reference photo
+    and the guidance each move the image far beyond the tolerance (the photo the subject embedding too:
+    random weights can leave a model blind to its input)."""
+    run = references["safetensors"]
+    photo, other_photo = mode.photo_pair
+    guided, unguided = mode.guidance_pair
     return {
-        "safetensors vs .bin checkpoint, largest difference": max(
-            max_abs(safetensors_run[key], bin_run[key]) for key in safetensors_run),
-        "another dog photo, image max abs": max_abs(safetensors_run["dog_guided_32.image"],
-                                                    safetensors_run["dog_other_photo_32.image"]),
-        "another dog photo, embedding relative": relative_error(safetensors_run["dog_other_photo_32.subject_embedding"],
-                                                                safetensors_run["dog_guided_32.subject_embedding"]),
-        "guidance 7.5 vs 1.0, image max abs": max_abs(safetensors_run["dog_guided_32.image"],
-                                                      safetensors_run["dog_unguided_32.image"]),
+        SAME_WEIGHTS: max(max_abs(run[key], references["bin"][key]) for key in run),
+        OTHER_PHOTO_IMAGE: max_abs(run[f"{photo}.image"], run[f"{other_photo}.image"]),
+        OTHER_PHOTO_EMBEDDING: relative_error(run[f"{other_photo}.subject_embedding"],
+                                              run[f"{photo}.subject_embedding"]),
+        GUIDANCE: max_abs(run[f"{guided}.image"], run[f"{unguided}.image"]),
     }
+
+
+def blind(sanity: dict[str, float]) -> bool:
+    """Whether the reference's outputs cannot tell a wrong implementation apart."""
+    return (sanity[SAME_WEIGHTS] != 0 or sanity[OTHER_PHOTO_IMAGE] < 10 * IMAGE_TOLERANCE
+            or sanity[OTHER_PHOTO_EMBEDDING] < 10 * EMBEDDING_TOLERANCE or sanity[GUIDANCE] < 10 * IMAGE_TOLERANCE)
 
 
 def folder_bytes(folder: Path) -> int:
@@ -290,7 +358,7 @@ Written by `bench/reference_parity.py --write-fixtures` with the reference pipel
 - `cases.json`: the calls; `reference_image` is relative to `../shared/data/dreambench/dataset` (not
   committed: skip when absent), `reference_image_sha256` its checksum.
 - `reference.npz`: per case `NAME.image` ([H, W, 3] float16 in [0, 1], `output_type="np"`),
-  `NAME.subject_embedding` ([1, {NUM_QUERY_TOKENS}, {TEXT_HIDDEN}] float32), `NAME.prompt_ids`,
+  `NAME.subject_embedding` ([1, {TINY.num_query_tokens}, {TINY.text_hidden}] float32), `NAME.prompt_ids`,
   `NAME.negative_ids` (guided cases) and `NAME.subject_ids` (int32, as the reference tokenizes them).
   Tolerances: image max abs {IMAGE_TOLERANCE:g}, embedding max|a-b|/max|b| {EMBEDDING_TOLERANCE:g}.
 """)
@@ -304,32 +372,65 @@ def main() -> None:
     parser.add_argument("--fresh", action="store_true", help="delete and recreate the side environment")
     parser.add_argument("--images", type=Path, default=DREAMBENCH, help="the DreamBench dataset folder")
     parser.add_argument("--workdir", type=Path, help="keep the checkpoints and outputs here")
+    parser.add_argument("--real-size", action="store_true",
+                        help="the released checkpoint's architecture (random weights) instead of a tiny model")
     parser.add_argument("--write-fixtures", type=Path, metavar="DIR", help="copy checkpoint, cases and outputs here")
     parser.add_argument("--no-record", action="store_true", help="do not append to docs/benchmarks.md")
     args = parser.parse_args()
-    missing = [case["reference_image"] for case in CASES if not (args.images / case["reference_image"]).is_file()]
+    if args.real_size and args.write_fixtures:
+        parser.error("--write-fixtures writes the tiny checkpoint's fixtures; it does not go with --real-size")
+    mode = REAL_SIZE_MODE if args.real_size else TINY_MODE
+    missing = [case["reference_image"] for case in mode.cases if not (args.images / case["reference_image"]).is_file()]
     if missing:
         sys.exit(f"reference photos not found under {args.images}: {', '.join(missing)} (pass --images)")
 
     with contextlib.ExitStack() as stack:
         work = args.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="blipdiff-parity-")))
         work.mkdir(parents=True, exist_ok=True)
-        measure(args, work)
+        measure(args, mode, work)
 
 
-def measure(args: argparse.Namespace, work: Path) -> None:
+def blipdiff_side(work: Path, cases: list[dict[str, Any]], images: Path, bert: Path,
+                  references: dict[str, dict[str, np.ndarray]]) -> tuple[list[Row], dict[str, np.ndarray]]:
+    """blipdiff loads each checkpoint the reference saved and runs the cases; the rows, and its outputs
+    on the safetensors checkpoint, which it saves to ``work / "checkpoint-blipdiff"``. A function of its
+    own so that the pipeline is freed before the reference runs again."""
+    rows: list[Row] = []
+    outputs: dict[str, np.ndarray] = {}
+    with offline_hub_with_bert(bert):
+        # Imported only now: the private Hugging Face cache must be in place first (see offline_hub_with_bert).
+        from blipdiff.models.blip_diffusion import BlipDiffusionPipeline
+
+        for serialization in SERIALIZATIONS:
+            pipe = BlipDiffusionPipeline.from_pretrained(work / f"checkpoint-{serialization}")
+            pipe.set_progress_bar_config(disable=True)
+            ours = run_blipdiff(pipe, cases, images)
+            rows += compare(ours, references[serialization], cases, f"reference {serialization} → blipdiff")
+            if serialization == "safetensors":
+                outputs = ours
+                pipe.save_pretrained(work / "checkpoint-blipdiff")
+            del pipe
+    return rows, outputs
+
+
+def measure(args: argparse.Namespace, mode: Mode, work: Path) -> None:
     """Build, generate on both sides, compare, report; exits non-zero when a case fails."""
+    seconds: dict[str, float] = {}
     started = time.perf_counter()
+
+    def lap(phase: str) -> None:
+        nonlocal started
+        seconds[phase] = time.perf_counter() - started
+        started = time.perf_counter()
+
     python = ensure_side_env(args.side_env, args.fresh)
     versions = side_versions(python)
     print(f"reference: {versions}", flush=True)
     bert = work / "bert-base-uncased"
     cases = [{**case, "reference_image_sha256": hashlib.sha256((args.images / case["reference_image"]).read_bytes())
-              .hexdigest()} for case in CASES]
+              .hexdigest()} for case in mode.cases]
     (work / "cases.json").write_text(json.dumps(cases, indent=1) + "\n")
-
-    setup_seconds = time.perf_counter() - started
-    started = time.perf_counter()
+    lap("side environment set-up or check")
 
     def reference_generate(checkpoint: Path, out: Path) -> dict[str, np.ndarray]:
         run_side(python, "generate", "--model", str(checkpoint), "--bert-tokenizer", str(bert),
@@ -337,46 +438,44 @@ def measure(args: argparse.Namespace, work: Path) -> None:
         return load_npz(out)
 
     references: dict[str, dict[str, np.ndarray]] = {}
-    for serialization in ("safetensors", "bin"):
+    for serialization in SERIALIZATIONS:
         folder = work / f"checkpoint-{serialization}"
         shutil.rmtree(folder, ignore_errors=True)
-        run_side(python, "build", "--out", str(folder), "--bert-tokenizer", str(bert), "--format", serialization)
+        run_side(python, "build", "--out", str(folder), "--bert-tokenizer", str(bert), "--format", serialization,
+                 "--size", mode.size)
+        lap(f"reference build ({serialization})")
         references[serialization] = reference_generate(folder, work / f"reference-{serialization}.npz")
-    sanity = reference_sanity(references["safetensors"], references["bin"])
+        lap(f"reference load and cases ({serialization})")
+    sanity = reference_sanity(references, mode)
+    checkpoint_bytes = folder_bytes(work / "checkpoint-safetensors")
 
-    rows: list[Row] = []
-    ours: dict[str, dict[str, np.ndarray]] = {}
-    with offline_hub_with_bert(bert):
-        # Imported only now: the private Hugging Face cache must be in place first (see offline_hub_with_bert).
-        from blipdiff.models.blip_diffusion import BlipDiffusionPipeline
-
-        for serialization in ("safetensors", "bin"):
-            pipe = BlipDiffusionPipeline.from_pretrained(work / f"checkpoint-{serialization}")
-            pipe.set_progress_bar_config(disable=True)
-            ours[serialization] = run_blipdiff(pipe, cases, args.images)
-            rows += compare(ours[serialization], references[serialization], cases,
-                            f"reference {serialization} → blipdiff")
-            if serialization == "safetensors":
-                pipe.save_pretrained(work / "checkpoint-blipdiff")
+    rows, ours = blipdiff_side(work, cases, args.images, bert, references)
+    lap("blipdiff loads, cases and save")
     # The other way: the reference loads what blipdiff saved, and must give what blipdiff gave.
     on_saved = reference_generate(work / "checkpoint-blipdiff", work / "reference-on-blipdiff.npz")
-    rows += compare(ours["safetensors"], on_saved, cases, "blipdiff save → reference")
-    compare_seconds = time.perf_counter() - started
+    rows += compare(ours, on_saved, cases, "blipdiff save → reference")
+    lap("reference load and cases (blipdiff's save)")
 
-    lines = ["| case | direction | image max abs | embedding rel err | result |", "| --- | --- | ---: | ---: | --- |"]
+    lines = ["| case | direction | image max abs | embedding rel err | context rel err | result |",
+             "| --- | --- | ---: | ---: | ---: | --- |"]
     lines += [f"| {row.case} | {row.direction} | {row.image_max_abs:.2e} | {row.embedding_rel_err:.2e} | "
-              f"{'pass' if row.passed else 'FAIL'} |" for row in rows]
+              f"{row.context_rel_err:.2e} | {'pass' if row.passed else 'FAIL'} |" for row in rows]
     table = "\n".join(lines)
     print(table)
+    first_case, first_run = cases[0]["name"], references["safetensors"]
+    shapes = ", ".join(f"{stage} {list(first_run[f'{first_case}.{stage}'].shape)}"
+                       for stage in ("pixel_values", "subject_embedding", "context", "final_latents"))
     facts = [f"- reference: diffusers' `BlipDiffusionPipeline` in a side environment ({versions})",
-             f"- tolerances: image max abs ≤ {IMAGE_TOLERANCE:g} on [0, 1]; subject embedding max|a-b|/max|b| ≤ "
-             f"{EMBEDDING_TOLERANCE:g}",
-             f"- model: tiny random BLIP-Diffusion built by the reference ({IMAGE_SIZE}² subject images, "
-             f"{NUM_QUERY_TOKENS} query tokens, hidden {TEXT_HIDDEN}, U-Net and VAE of two blocks), every weight "
-             "perturbed; real DreamBench photos as reference images",
+             f"- tolerances: image max abs ≤ {IMAGE_TOLERANCE:g} on [0, 1]; subject embedding and context (the "
+             f"U-Net's encoder_hidden_states at the first step) max|a-b|/max|b| ≤ {EMBEDDING_TOLERANCE:g}",
+             f"- model: {mode.model}, every weight perturbed ({checkpoint_bytes:,} bytes as safetensors); "
+             "real DreamBench photos as reference images",
+             f"- shapes in {first_case}: {shapes}",
              *(f"- reference sanity, {what}: {value:.3g}" for what, value in sanity.items()),
-             f"- time: side environment set-up or check {setup_seconds:.0f} s; builds and both pipelines "
-             f"{compare_seconds:.0f} s"]
+             f"- time: {sum(seconds.values()):.0f} s in all: "
+             + "; ".join(f"{phase} {value:.0f} s" for phase, value in seconds.items()),
+             f"- peak resident memory: reference side {peak_memory_gib(resource.RUSAGE_CHILDREN):.1f} GiB, "
+             f"blipdiff {peak_memory_gib(resource.RUSAGE_SELF):.1f} GiB (separate processes, one after the other)"]
     print("\n".join(facts))
     failed = [row for row in rows if not row.passed]
     for row in failed:
@@ -384,15 +483,11 @@ def measure(args: argparse.Namespace, work: Path) -> None:
     if args.write_fixtures:
         write_fixtures(args.write_fixtures, work, references["safetensors"], versions)
     if not args.no_record:
-        record("BLIP-Diffusion parity with the reference pipeline (tiny random checkpoint)",
-               f"{host()}, Python {platform.python_version()}, torch {torch.__version__}", facts, table)
-    blind = (sanity["safetensors vs .bin checkpoint, largest difference"] != 0
-             or sanity["another dog photo, image max abs"] < 10 * IMAGE_TOLERANCE
-             or sanity["guidance 7.5 vs 1.0, image max abs"] < 10 * IMAGE_TOLERANCE)
-    if blind:
+        record(mode.title, f"{host()}, Python {platform.python_version()}, torch {torch.__version__}", facts, table)
+    if blind(sanity):
         print("the reference's own outputs cannot tell a wrong implementation apart (see the sanity lines)",
               file=sys.stderr)
-    if failed or blind:
+    if failed or blind(sanity):
         sys.exit(1)
 
 

@@ -3,16 +3,23 @@
 Runs only with the side environment's python (diffusers 0.32.2, transformers 4.44.2), which
 bench/reference_parity.py creates; it never imports blipdiff.
 
-    python bench/reference_side.py build --out CHECKPOINT --bert-tokenizer BERT [--format bin|safetensors]
+    python bench/reference_side.py build --out CHECKPOINT --bert-tokenizer BERT [--format bin|safetensors] \
+        [--size tiny|real]
     python bench/reference_side.py generate --model CHECKPOINT --bert-tokenizer BERT --cases cases.json \
         --images DREAMBENCH_DATASET --out reference.npz
 
-``build`` makes a tiny random BLIP-Diffusion out of the reference classes, perturbs every weight and saves
-it in the layout of ``Salesforce/blipdiffusion``. Like that checkpoint, ``qformer/config.json`` names no
-``tokenizer``: the reference Q-Former then loads ``bert-base-uncased`` from the Hugging Face cache at
-construction. Both commands therefore point ``HF_HOME`` at a private folder in which the tiny WordPiece
-tokenizer (written by ``build`` to BERT) stands in as the cached ``bert-base-uncased`` snapshot, so the
-checkpoint loads offline exactly as the real one does with a warm cache.
+``build`` makes a random BLIP-Diffusion out of the reference classes, perturbs every weight and saves it
+in the layout of ``Salesforce/blipdiffusion``: a tiny one (``--size tiny``, the default) or one of the
+released checkpoint's real architecture (``--size real``: CLIP ViT-L/14 cut to 23 layers, the BERT-base
+Q-Former with 16 queries, CLIP ViT-L's text encoder, Stable Diffusion v1.5's U-Net and VAE; 1.56 billion
+parameters, 6.2 GB in float32). The tokenizers are tiny trained ones; at real size they are padded
+with filler entries to the real vocabularies' sizes (49,408 CLIP BPE tokens with <|startoftext|> and
+<|endoftext|> at 49406 and 49407; 30,522 WordPiece tokens, so that "[DEC]" is 30522), which the real
+embedding matrices need. Like the released checkpoint, ``qformer/config.json`` names no ``tokenizer``:
+the reference Q-Former then loads ``bert-base-uncased`` from the Hugging Face cache at construction. Both
+commands therefore point ``HF_HOME`` at a private folder in which the WordPiece tokenizer (written by
+``build`` to BERT) stands in as the cached ``bert-base-uncased`` snapshot, so the checkpoint loads
+offline exactly as the real one does with a warm cache.
 
 ``generate`` runs each case of cases.json (see reference_parity.py) and writes, per case NAME:
 ``NAME.image`` [H, W, 3] float32 in [0, 1] (``output_type="np"``), ``NAME.subject_embedding`` [1, Q, D]
@@ -36,6 +43,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,10 +53,6 @@ from PIL import Image
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
-NUM_QUERY_TOKENS = 4
-IMAGE_SIZE = 32
-VISION_HIDDEN = 16
-TEXT_HIDDEN = 16  # the Q-Former's, the projection's and the CLIP text encoder's width alike
 PERTURBATION_SEED = 20240611
 BPE_MERGES = 200  # a cap: the corpus is fully merged after 165
 
@@ -78,6 +82,66 @@ WORDPIECE_VOCAB = list(dict.fromkeys(
     WORDPIECE_SPECIAL + WORDPIECE_WORDS + LETTERS + ["##" + letter for letter in LETTERS]))
 
 
+@dataclass(frozen=True)
+class Architecture:
+    """The configurations ``build`` makes a model of: constructor arguments of the reference's classes
+    (the vocabulary sizes and special token ids apart, which come from the tokenizers)."""
+    num_query_tokens: int
+    image_size: int
+    vision: dict[str, Any]  # Blip2VisionConfig
+    qformer: dict[str, Any]  # Blip2QFormerConfig
+    text: dict[str, Any]  # CLIPTextConfig
+    unet: dict[str, Any]  # UNet2DConditionModel
+    vae: dict[str, Any]  # AutoencoderKL
+    clip_vocab: int | None  # the BPE vocabulary padded to this size; None: as trained
+    wordpiece_vocab: int | None  # the WordPiece vocabulary padded to this size ("[DEC]" comes after it)
+
+    @property
+    def text_hidden(self) -> int:
+        """The Q-Former's, the projection's and the CLIP text encoder's width alike."""
+        return self.qformer["hidden_size"]
+
+
+# The initializer ranges are BLIP-2's 0.02: Blip2VisionConfig's default, 1e-10, leaves the ViT's weights
+# ~0 (its output would not depend on the image but for the perturbation). The ViT's LayerNorm eps is 1e-5,
+# as LAVIS trained it and the real config states (the transformers default is 1e-6).
+TINY = Architecture(
+    num_query_tokens=4, image_size=32,
+    vision=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, patch_size=8,
+                hidden_act="quick_gelu", layer_norm_eps=1e-5, initializer_range=0.02),
+    qformer=dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                 max_position_embeddings=32, cross_attention_frequency=1, encoder_hidden_size=16),
+    text=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+              max_position_embeddings=77, hidden_act="quick_gelu"),
+    # Two blocks each, so the U-Net's latent factor (2 ** (blocks - 1), which the reference uses) and the
+    # VAE's are both 2, as both are 8 for Stable Diffusion.
+    unet=dict(sample_size=16, layers_per_block=1, block_out_channels=(4, 8), norm_num_groups=2,
+              cross_attention_dim=16, attention_head_dim=2, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+              up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")),
+    vae=dict(layers_per_block=1, block_out_channels=(4, 8), norm_num_groups=2, sample_size=32,
+             down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2),
+    clip_vocab=None, wordpiece_vocab=None)
+# Salesforce/blipdiffusion (FACTS.md, "Model"): CLIP ViT-L/14 without its last layer, the BERT-base
+# Q-Former, CLIP ViT-L's text encoder, Stable Diffusion v1.5's U-Net and VAE.
+REAL = Architecture(
+    num_query_tokens=16, image_size=224,
+    vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
+                patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5, initializer_range=0.02),
+    qformer=dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                 max_position_embeddings=512, cross_attention_frequency=1, encoder_hidden_size=1024,
+                 layer_norm_eps=1e-12),
+    text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+              max_position_embeddings=77, hidden_act="quick_gelu"),
+    unet=dict(sample_size=64, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280), norm_num_groups=32,
+              cross_attention_dim=768, attention_head_dim=8,
+              down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+              up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3),
+    vae=dict(layers_per_block=2, block_out_channels=(128, 256, 512, 512), norm_num_groups=32, sample_size=512,
+             down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4),
+    clip_vocab=49408, wordpiece_vocab=30522)
+ARCHITECTURES = {"tiny": TINY, "real": REAL}
+
+
 def bytes_to_unicode() -> dict[int, str]:
     """CLIP's and GPT-2's reversible byte → printable character map: printable Latin-1 bytes stand for
     themselves, the others move to code points from 256 upwards."""
@@ -92,10 +156,12 @@ def bytes_to_unicode() -> dict[int, str]:
     return dict(sorted(mapping.items()))
 
 
-def train_clip_bpe(corpus: str, merges: int) -> tuple[dict[str, int], list[tuple[str, str]]]:
+def train_clip_bpe(corpus: str, merges: int, size: int | None = None) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """A CLIP-style byte-level BPE: the 256 byte characters, the same with the "</w>" word end, the
-    learnt merges, then <|startoftext|> and <|endoftext|> (CLIP's vocabulary order). Ties between equally
-    frequent pairs go to the smallest pair, so the result is the same on every run."""
+    learnt merges, filler tokens up to ``size`` entries in all when given (where the real vocabulary has
+    the rest of its merges; no merge makes them, so they are never produced), then <|startoftext|> and
+    <|endoftext|> (CLIP's vocabulary order). Ties between equally frequent pairs go to the smallest pair,
+    so the result is the same on every run."""
     byte_chars = bytes_to_unicode()
     words: collections.Counter[tuple[str, ...]] = collections.Counter()
     for word in re.findall(r"[a-z]+|[0-9]|[^\sa-z0-9]+", corpus.lower()):
@@ -126,15 +192,16 @@ def train_clip_bpe(corpus: str, merges: int) -> tuple[dict[str, int], list[tuple
             merged[tuple(symbols)] += count
         words = merged
 
-    tokens = list(byte_chars.values())
-    tokens += [token + "</w>" for token in byte_chars.values()]
-    tokens += [first + second for first, second in learnt]
+    tokens = list(dict.fromkeys([*byte_chars.values(), *(token + "</w>" for token in byte_chars.values()),
+                                 *(first + second for first, second in learnt)]))
+    if size is not None:
+        tokens += [f"<|filler{index}|>" for index in range(len(tokens), size - 2)]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
-    return {token: index for index, token in enumerate(dict.fromkeys(tokens))}, learnt
+    return {token: index for index, token in enumerate(tokens)}, learnt
 
 
-def write_clip_bpe(folder: Path) -> None:
-    vocab, merges = train_clip_bpe(BPE_CORPUS, BPE_MERGES)
+def write_clip_bpe(folder: Path, size: int | None) -> None:
+    vocab, merges = train_clip_bpe(BPE_CORPUS, BPE_MERGES, size)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     # CLIPTokenizer skips the first line of merges.txt: the version header.
@@ -142,11 +209,18 @@ def write_clip_bpe(folder: Path) -> None:
     (folder / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
-def write_wordpiece(folder: Path) -> None:
+def wordpiece_vocab(size: int | None) -> list[str]:
+    """WORDPIECE_VOCAB, then "[unusedN]" fillers up to ``size`` entries when given (the word splitting cuts
+    such a text at its brackets, so they are never produced)."""
+    fillers = range(size - len(WORDPIECE_VOCAB)) if size is not None else range(0)
+    return WORDPIECE_VOCAB + [f"[unused{index}]" for index in fillers]
+
+
+def write_wordpiece(folder: Path, size: int | None) -> None:
     """The files of the bert-base-uncased tokenizer that BertTokenizer reads: vocab.txt and the same
     tokenizer_config.json as the real repository."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.txt").write_text("\n".join(WORDPIECE_VOCAB) + "\n", encoding="utf-8")
+    (folder / "vocab.txt").write_text("\n".join(wordpiece_vocab(size)) + "\n", encoding="utf-8")
     (folder / "tokenizer_config.json").write_text(
         json.dumps({"do_lower_case": True, "model_max_length": 512}), encoding="utf-8")
 
@@ -203,8 +277,8 @@ def perturb_weights(modules: list[torch.nn.Module], seed: int) -> None:
                 tensor.add_((noise * scale).to(tensor.dtype))
 
 
-def build(out: Path, bert_tokenizer: Path, serialization: str) -> None:
-    write_wordpiece(bert_tokenizer)
+def build(out: Path, bert_tokenizer: Path, serialization: str, architecture: Architecture) -> None:
+    write_wordpiece(bert_tokenizer, architecture.wordpiece_vocab)
     with offline_hub_with_bert(bert_tokenizer), tempfile.TemporaryDirectory() as scratch:
         # Imported here, after the private cache is in place (see offline_hub_with_bert).
         from diffusers import AutoencoderKL, BlipDiffusionPipeline, PNDMScheduler, UNet2DConditionModel
@@ -213,53 +287,41 @@ def build(out: Path, bert_tokenizer: Path, serialization: str) -> None:
         from diffusers.pipelines.blip_diffusion.modeling_ctx_clip import ContextCLIPTextModel
         from transformers import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig, CLIPTextConfig, CLIPTokenizer
 
-        write_clip_bpe(Path(scratch))
+        write_clip_bpe(Path(scratch), architecture.clip_vocab)
         tokenizer = CLIPTokenizer(str(Path(scratch) / "vocab.json"), str(Path(scratch) / "merges.txt"))
 
         # The constructors initialise from the global generator: seed it so every build is the same.
         torch.manual_seed(PERTURBATION_SEED)
-        vision = Blip2VisionConfig(
-            hidden_size=VISION_HIDDEN, intermediate_size=2 * VISION_HIDDEN, num_hidden_layers=2,
-            num_attention_heads=2, image_size=IMAGE_SIZE, patch_size=8, hidden_act="quick_gelu",
-            # LAVIS's ViT trained with 1e-5; the real config states it (the transformers default is 1e-6).
-            layer_norm_eps=1e-5, initializer_range=0.02)
-        qformer_config = Blip2QFormerConfig(
-            # The reference adds "[DEC]" to the WordPiece vocabulary, as the next id.
-            vocab_size=len(WORDPIECE_VOCAB) + 1, hidden_size=TEXT_HIDDEN, num_hidden_layers=2,
-            num_attention_heads=2, intermediate_size=2 * TEXT_HIDDEN, max_position_embeddings=32,
-            cross_attention_frequency=1, encoder_hidden_size=VISION_HIDDEN)
+        vision = Blip2VisionConfig(image_size=architecture.image_size, **architecture.vision)
+        # The reference adds "[DEC]" to the WordPiece vocabulary, as the next id.
+        qformer_config = Blip2QFormerConfig(vocab_size=len(wordpiece_vocab(architecture.wordpiece_vocab)) + 1,
+                                            **architecture.qformer)
         qformer = Blip2QFormerModel(Blip2Config(
             vision_config=vision.to_dict(), qformer_config=qformer_config.to_dict(),
-            num_query_tokens=NUM_QUERY_TOKENS))
+            num_query_tokens=architecture.num_query_tokens))
         text_encoder = ContextCLIPTextModel(CLIPTextConfig(
-            vocab_size=len(tokenizer), hidden_size=TEXT_HIDDEN, intermediate_size=2 * TEXT_HIDDEN,
-            num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77, hidden_act="quick_gelu",
-            pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id))
-        # Two blocks each, so the U-Net's latent factor (2 ** (blocks - 1), which the reference uses) and
-        # the VAE's are both 2, as both are 8 for Stable Diffusion.
-        unet = UNet2DConditionModel(
-            sample_size=IMAGE_SIZE // 2, in_channels=4, out_channels=4, layers_per_block=1,
-            block_out_channels=(4, 8), norm_num_groups=2, cross_attention_dim=TEXT_HIDDEN, attention_head_dim=2,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
-        vae = AutoencoderKL(
-            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, block_out_channels=(4, 8),
-            norm_num_groups=2, sample_size=IMAGE_SIZE, scaling_factor=0.18215,
-            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+            vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, **architecture.text))
+        unet = UNet2DConditionModel(in_channels=4, out_channels=4, **architecture.unet)
+        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, scaling_factor=0.18215,
+                            **architecture.vae)
         # Stable Diffusion v1.5's scheduler configuration.
         scheduler = PNDMScheduler(
             num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
             skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1)
         image_processor = BlipImageProcessor(
-            size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, image_mean=CLIP_MEAN, image_std=CLIP_STD)
+            size={"height": architecture.image_size, "width": architecture.image_size}, image_mean=CLIP_MEAN,
+            image_std=CLIP_STD)
         perturb_weights([qformer, text_encoder, unet, vae], PERTURBATION_SEED)
 
         pipe = BlipDiffusionPipeline(
             tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet, scheduler=scheduler,
             qformer=qformer, image_processor=image_processor, ctx_begin_pos=2, mean=CLIP_MEAN, std=CLIP_STD)
         pipe.save_pretrained(out, safe_serialization=serialization == "safetensors")
-    print(f"built {out} ({serialization}, {sum(f.stat().st_size for f in out.rglob('*') if f.is_file()):,} bytes)")
+    parameters = sum(parameter.numel() for module in (qformer, text_encoder, unet, vae)
+                     for parameter in module.parameters())
+    print(f"built {out} ({serialization}, {parameters:,} parameters, "
+          f"{sum(f.stat().st_size for f in out.rglob('*') if f.is_file()):,} bytes)")
 
 
 def open_reference_image(images: Path, case: dict[str, Any]) -> Image.Image:
@@ -268,6 +330,22 @@ def open_reference_image(images: Path, case: dict[str, Any]) -> Image.Image:
     resize of a non-square image (the reference squashes it, without keeping the aspect ratio)."""
     image = Image.open(images / case["reference_image"])
     return image.crop(tuple(case["crop"])) if case.get("crop") else image
+
+
+def call_pipeline(pipe: Any, case: dict[str, Any], reference_image: Image.Image,
+                  hooks: list[torch.utils.hooks.RemovableHandle]) -> np.ndarray:
+    """The call both pipelines take alike (blipdiff's is a drop-in): the case's arguments in the
+    reference's order, ``output_type="np"``; ``hooks`` are removed afterwards."""
+    try:
+        return pipe(
+            case["prompt"], reference_image, case["source_subject"], case["target_subject"],
+            guidance_scale=case["guidance_scale"], height=case["height"], width=case["width"],
+            num_inference_steps=case["num_inference_steps"],
+            generator=torch.Generator("cpu").manual_seed(case["seed"]),
+            neg_prompt=case["negative_prompt"], output_type="np").images
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def run_case(pipe: Any, case: dict[str, Any], images: Path) -> dict[str, np.ndarray]:
@@ -293,16 +371,7 @@ def run_case(pipe: Any, case: dict[str, Any], images: Path) -> dict[str, np.ndar
         pipe.vae.post_quant_conv.register_forward_pre_hook(
             lambda _m, args: keep("final_latents", args[0] * pipe.vae.config.scaling_factor)),
     ]
-    try:
-        image = pipe(
-            case["prompt"], reference_image, case["source_subject"], case["target_subject"],
-            guidance_scale=case["guidance_scale"], height=case["height"], width=case["width"],
-            num_inference_steps=case["num_inference_steps"],
-            generator=torch.Generator("cpu").manual_seed(case["seed"]),
-            neg_prompt=case["negative_prompt"], output_type="np").images
-    finally:
-        for hook in hooks:
-            hook.remove()
+    image = call_pipeline(pipe, case, reference_image, hooks)
 
     pixel_values = pipe.image_processor.preprocess(
         reference_image, image_mean=pipe.config.mean, image_std=pipe.config.std, return_tensors="pt")["pixel_values"]
@@ -344,11 +413,13 @@ def generate(model: Path, bert_tokenizer: Path, cases_file: Path, images: Path, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    build_parser = commands.add_parser("build", help="build and save the tiny reference checkpoint")
+    build_parser = commands.add_parser("build", help="build and save a random reference checkpoint")
     build_parser.add_argument("--out", type=Path, required=True)
     build_parser.add_argument("--bert-tokenizer", type=Path, required=True,
                               help="folder to write the tiny WordPiece tokenizer to (bert-base-uncased's stand-in)")
     build_parser.add_argument("--format", choices=["bin", "safetensors"], default="safetensors")
+    build_parser.add_argument("--size", choices=list(ARCHITECTURES), default="tiny",
+                              help="a tiny model, or the released checkpoint's architecture")
     generate_parser = commands.add_parser("generate", help="run the parity cases through the reference pipeline")
     generate_parser.add_argument("--model", type=Path, required=True)
     generate_parser.add_argument("--bert-tokenizer", type=Path, required=True,
@@ -359,7 +430,7 @@ def main() -> None:
     generate_parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     if args.command == "build":
-        build(args.out, args.bert_tokenizer, args.format)
+        build(args.out, args.bert_tokenizer, args.format, ARCHITECTURES[args.size])
     else:
         generate(args.model, args.bert_tokenizer, args.cases, args.images, args.out)
 
