@@ -95,6 +95,17 @@ def _check_out(config: GenerateConfig) -> None:
         raise ValueError(f"{config.out} is not empty and holds no generation run; choose another --out")
 
 
+def _check_device(name: str) -> None:
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ValueError(f"--device {name}: not a torch device ({error})") from error
+    if device.type != "cpu" and not getattr(torch, device.type).is_available():
+        raise ValueError(f"--device {name}: this torch build or machine has no {device.type} device")
+
+
 def image_name(prompt_index: int, image_index: int) -> str:
     return f"p{prompt_index:03d}_i{image_index:02d}.png"
 
@@ -108,6 +119,7 @@ def generate_images(config: GenerateConfig, log=print) -> Path:
 
     from blipdiff.models.blip_diffusion import BlipDiffusionPipeline
 
+    _check_device(config.device)
     pipe = BlipDiffusionPipeline.from_pretrained(config.model, torch_dtype=getattr(torch, config.dtype),
                                                  device=config.device)
     pipe.scheduler = getattr(diffusers, SCHEDULERS[config.scheduler]).from_config(pipe.scheduler.config)

@@ -202,6 +202,17 @@ def test_a_missing_component_folder_or_index_is_a_clear_error(checkpoint, tmp_pa
         load(tmp_path / "nowhere" / "checkpoint")
 
 
+@pytest.mark.parametrize(("component", "config"), [
+    ("qformer", {"vision_config": "not a config", "num_query_tokens": 4}),
+    ("text_encoder", {"hidden_size": "wide"}),
+])
+def test_a_config_that_does_not_describe_the_component_is_a_clear_error(checkpoint, tmp_path, component, config):
+    folder = copy_checkpoint(checkpoint, tmp_path / "checkpoint")
+    (folder / component / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=component):
+        load(folder)
+
+
 def test_folders_the_index_does_not_list_are_ignored(checkpoint, images, baseline, tmp_path):
     folder = copy_checkpoint(checkpoint, tmp_path / "checkpoint")
     for extra in ("controlnet", "vision_encoder"):

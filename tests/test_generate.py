@@ -214,6 +214,8 @@ BAD_INPUTS = {
     "model folder that does not exist": ({"model": lambda tmp, ck, ph: tmp / "no-such-model"}, "no such folder"),
     "model folder lacking a component": ({"model": lambda tmp, ck, ph: _without_unet(ck, tmp)}, "unet"),
     "hub id while offline": ({"model": "Salesforce/blipdiffusion"}, "HF_HUB_OFFLINE"),
+    "a device this machine lacks": ({"device": "cuda"}, "no cuda device"),
+    "not a device": ({"device": "gpu0"}, "not a torch device"),
 }
 
 

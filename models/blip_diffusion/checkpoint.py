@@ -87,6 +87,17 @@ def read_json(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: unreadable ({error})") from error
 
 
+def parse_config(config_class: type, data: dict[str, Any], component: str) -> Any:
+    """A transformers config from a component's ``config.json``, or an error naming the component."""
+    from huggingface_hub.errors import StrictDataclassError
+
+    try:
+        return config_class.from_dict(data)
+    except (TypeError, ValueError, KeyError, AttributeError, StrictDataclassError) as error:
+        reason = str(error).replace("\n", " ")
+        raise CheckpointError(f"{component}/config.json does not describe a {config_class.__name__} ({reason})") from error
+
+
 def read_weights(folder: Path) -> dict[str, torch.Tensor]:
     """The one weight file of a component folder, safetensors preferred."""
     for name in WEIGHT_FILES:

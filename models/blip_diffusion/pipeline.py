@@ -85,8 +85,10 @@ class BlipDiffusionPipeline:
         root = checkpoint.resolve(model)
         index = checkpoint.read_index(root)
         qformer_config = checkpoint.read_json(root / "qformer" / "config.json")
-        qformer = checkpoint.load_module(SubjectEncoder, Blip2Config.from_dict(qformer_config), root / "qformer", "qformer")
-        text_config = CLIPTextConfig.from_dict(checkpoint.read_json(root / "text_encoder" / "config.json"))
+        qformer = checkpoint.load_module(SubjectEncoder, checkpoint.parse_config(Blip2Config, qformer_config, "qformer"),
+                                         root / "qformer", "qformer")
+        text_config = checkpoint.parse_config(
+            CLIPTextConfig, checkpoint.read_json(root / "text_encoder" / "config.json"), "text_encoder")
         text_encoder = checkpoint.load_module(ContextCLIPTextModel, text_config, root / "text_encoder", "text_encoder")
         dtype = torch_dtype or torch.float32
         unet = checkpoint.load_diffusers_model(diffusers.UNet2DConditionModel, root, "unet", dtype)
@@ -97,7 +99,10 @@ class BlipDiffusionPipeline:
         scheduler_class = getattr(diffusers, index["scheduler"][1], None)
         if scheduler_class is None:
             raise CheckpointError(f"scheduler: diffusers has no {index['scheduler'][1]}")
-        scheduler = scheduler_class.from_pretrained(root, subfolder="scheduler")
+        try:
+            scheduler = scheduler_class.from_pretrained(root, subfolder="scheduler")
+        except (OSError, ValueError, TypeError) as error:
+            raise CheckpointError(f"scheduler: cannot load {root / 'scheduler'} ({error})") from error
         tokenizer_class = getattr(transformers, index["tokenizer"][1], transformers.CLIPTokenizer)
         try:
             tokenizer = tokenizer_class.from_pretrained(root / "tokenizer")
