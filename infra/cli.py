@@ -241,11 +241,9 @@ def generate_command(
             height=height, width=width, scheduler=scheduler, dtype=dtype, device=device)
     except ValidationError as error:
         raise _fail("; ".join(_validation_messages(error))) from error
-    from blipdiff.models.blip_diffusion import CheckpointError
-
     try:
         manifest = generate_images(config, log=typer.echo)
-    except (CheckpointError, ValueError, OSError) as error:
+    except (ValueError, OSError) as error:  # CheckpointError is a ValueError
         raise _fail(str(error)) from error
     typer.echo(f"{len(config.prompts) * num_images} images -> {out}; settings and seeds -> {manifest}")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import json
+from importlib.metadata import version
 from pathlib import Path
 from typing import Literal
 
@@ -46,12 +47,12 @@ class GenerateConfig(BaseModel):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "cpu"
 
-    @field_validator("subject")
+    @field_validator("subject", "target_subject")
     @classmethod
-    def _subject_named(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("the subject is empty: name its category, e.g. --subject dog")
-        return value.strip()
+    def _subject_named(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("the subject is empty: name its category, e.g. dog")
+        return None if value is None else value.strip()
 
     @field_validator("prompts")
     @classmethod
@@ -82,8 +83,13 @@ class GenerateConfig(BaseModel):
         return self
 
     def settings(self) -> dict:
-        """What decides the images (the output folder aside)."""
-        return self.model_dump(mode="json", exclude={"out"})
+        """What decides the images (the output folder aside), with local paths made absolute so that a
+        rerun from another folder is recognised for what it is."""
+        settings = self.model_dump(mode="json", exclude={"out"})
+        settings["images"] = [str(path.resolve()) for path in self.images]
+        if Path(self.model).expanduser().exists():
+            settings["model"] = str(Path(self.model).expanduser().resolve())
+        return settings
 
 
 def _check_out(config: GenerateConfig) -> None:
@@ -102,8 +108,16 @@ def _check_device(name: str) -> None:
         device = torch.device(name)
     except RuntimeError as error:
         raise ValueError(f"--device {name}: not a torch device ({error})") from error
-    if device.type != "cpu" and not getattr(torch, device.type).is_available():
+    if device.type == "cpu":
+        return
+    backend = getattr(torch, device.type, None)
+    if backend is None or not hasattr(backend, "device_count"):
+        raise ValueError(f"--device {name}: blipdiff runs on cpu, cuda, xpu or mps devices")
+    count = backend.device_count() if backend.is_available() else 0
+    if count == 0:
         raise ValueError(f"--device {name}: this torch build or machine has no {device.type} device")
+    if device.index is not None and device.index >= count:
+        raise ValueError(f"--device {name}: this machine has {count} {device.type} device(s), numbered from 0")
 
 
 def image_name(prompt_index: int, image_index: int) -> str:
@@ -147,8 +161,9 @@ def generate_images(config: GenerateConfig, log=print) -> Path:
         rows += [{"file": name, "prompt_index": prompt_index, "prompt": prompt, "image_index": k,
                   "seed": config.seed + k} for k, name in enumerate(names)]
     settings = config.settings()
-    settings["images"] = [str(path.resolve()) for path in config.images]
     settings["base_seed"] = settings.pop("seed")  # each row's seed is base_seed + image_index
+    settings["versions"] = json.dumps({name: version(name) for name in ("blipdiff", "torch", "diffusers",
+                                                                        "transformers")})
     frame = pd.DataFrame(rows).assign(**{key: [value] * len(rows) for key, value in settings.items()})
     frame["created"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     manifest = config.out / MANIFEST

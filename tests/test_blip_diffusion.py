@@ -213,6 +213,45 @@ def test_a_config_that_does_not_describe_the_component_is_a_clear_error(checkpoi
         load(folder)
 
 
+@pytest.mark.parametrize("damage", ["qformer garbage", "text encoder truncated"])
+def test_an_unreadable_weight_file_is_a_clear_error(pickled_checkpoint, tmp_path, damage):
+    folder = copy_checkpoint(pickled_checkpoint, tmp_path / "checkpoint")
+    path = weight_file(folder / ("qformer" if damage.startswith("qformer") else "text_encoder"))
+    if damage.endswith("garbage"):
+        path.write_bytes(b"\x00 not weights" * 100)
+    else:
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="not a readable weight file"):
+        load(folder)
+
+
+def test_a_prompt_tokenizer_without_its_vocabulary_is_a_clear_error(checkpoint, tmp_path):
+    folder = copy_checkpoint(checkpoint, tmp_path / "checkpoint")
+    for name in ("vocab.json", "merges.txt"):
+        (folder / "tokenizer" / name).unlink()
+    with pytest.raises(CheckpointError, match="tokenizer: no vocabulary"):
+        load(folder)
+
+
+def test_a_listed_controlnet_is_loaded_and_saved(checkpoint, tmp_path):
+    from diffusers import ControlNetModel
+
+    folder = copy_checkpoint(checkpoint, tmp_path / "checkpoint")
+    torch.manual_seed(0)
+    controlnet = ControlNetModel.from_unet(load(checkpoint).unet, conditioning_embedding_out_channels=(8, 16))
+    controlnet.save_pretrained(folder / "controlnet")
+    edit_json(folder / "model_index.json", controlnet=["diffusers", "ControlNetModel"])
+    loaded = load(folder).controlnet
+    assert isinstance(loaded, ControlNetModel)
+    expected = controlnet.state_dict()
+    assert all(torch.equal(value, expected[key]) for key, value in loaded.state_dict().items())
+
+    load(folder).save_pretrained(tmp_path / "saved")
+    assert json.loads((tmp_path / "saved" / "model_index.json").read_text())["controlnet"] == \
+        ["diffusers", "ControlNetModel"]
+    assert all(torch.equal(value, expected[key]) for key, value in load(tmp_path / "saved").controlnet.state_dict().items())
+
+
 def test_folders_the_index_does_not_list_are_ignored(checkpoint, images, baseline, tmp_path):
     folder = copy_checkpoint(checkpoint, tmp_path / "checkpoint")
     for extra in ("controlnet", "vision_encoder"):
@@ -404,15 +443,17 @@ def test_save_then_load_gives_the_same_pipeline(checkpoint, images, tmp_path):
 
 # ------------------------------------------------------------------------------------ the pipeline
 def test_scheduler_swap(checkpoint, images, baseline):
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, PNDMScheduler
 
     pipe = load(checkpoint)  # its own scheduler, so the shared pipe keeps PNDM
     assert type(pipe.scheduler) is PNDMScheduler
-    for scheduler_class in (DDIMScheduler, DPMSolverMultistepScheduler):
+    # Euler ancestral scales the model input and draws noise at every step from the generator.
+    for scheduler_class in (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler):
         pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
         swapped = generate(pipe, reference=images[0])
-        assert swapped.shape == baseline.shape
+        assert swapped.shape == baseline.shape and 0.01 < swapped.std()
         assert_differs(swapped, baseline)
+        np.testing.assert_array_equal(generate(pipe, reference=images[0]), swapped)
     pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config)
     np.testing.assert_array_equal(generate(pipe, reference=images[0]), baseline)
 
@@ -429,6 +470,31 @@ def test_one_reference_serves_several_prompts(pipe, images):
         alone = generate(pipe, prompt, images[0], seed=3 + i)
         np.testing.assert_allclose(both[i], alone[0], rtol=0, atol=BATCH_TOLERANCE)
     assert_differs(both[0], both[1])
+
+
+def test_a_reference_per_prompt_is_paired_as_the_released_pipeline_pairs_them(pipe, images):
+    """A list of references as long as a list of several prompts: reference i (an image, or a list of
+    images averaged) with prompt i and source category i."""
+    prompts, subjects = ["in the jungle", "on the beach"], ["dog", "cat"]
+    paired = pipe(prompts, [images[0], [images[1], images[2]]], subjects, subjects, height=SIZE, width=SIZE,
+                  num_inference_steps=STEPS, generator=[seeded(5), seeded(6)], output_type="np").images
+    np.testing.assert_allclose(paired[0], generate(pipe, prompts[0], images[0], "dog", seed=5)[0], rtol=0,
+                               atol=BATCH_TOLERANCE)
+    np.testing.assert_allclose(paired[1], generate(pipe, prompts[1], [images[1], images[2]], "cat", seed=6)[0],
+                               rtol=0, atol=BATCH_TOLERANCE)
+    with pytest.raises(ValueError, match="reference_weights"):
+        pipe(prompts, [images[0], images[1]], subjects, reference_weights=[1, 2], height=SIZE, width=SIZE,
+             num_inference_steps=1)
+    # Otherwise a list is one subject's photos, averaged, for every prompt.
+    three = generate(pipe, ["in the jungle", "on the beach", "in the snow"], [images[0], images[1]],
+                     generator=[seeded(5), seeded(6), seeded(7)])
+    np.testing.assert_allclose(three[0], generate(pipe, "in the jungle", [images[0], images[1]], seed=5)[0],
+                               rtol=0, atol=BATCH_TOLERANCE)
+
+
+def test_generators_must_be_one_or_one_per_image(pipe, images):
+    with pytest.raises(ValueError, match="3 generators for 2 images"):
+        generate(pipe, ["in the jungle", "on the beach"], images[0], generator=[seeded(1), seeded(2), seeded(3)])
 
 
 def test_num_images_per_prompt_uses_one_generator_per_image(pipe, images):
@@ -517,6 +583,41 @@ def test_bfloat16_on_the_cpu(checkpoint, images, baseline):
     assert difference.mean() < 0.05
     assert difference.max() > 0, "bit-identical to float32: it did not run in bfloat16"
     assert pipe.subject_embedding(images[0], "dog").dtype == torch.bfloat16
+
+
+def test_float16_on_the_cpu_starts_from_the_float32_noise(checkpoint, images, baseline):
+    pipe = load(checkpoint, torch_dtype=torch.float16)
+    assert {p.dtype for p in pipe.unet.parameters()} == {torch.float16}
+    image = generate(pipe, reference=images[0])
+    difference = np.abs(image - baseline)
+    assert difference.mean() < 0.02 and difference.max() > 0
+
+
+def test_to_takes_a_dtype_or_a_device_as_diffusers_does(checkpoint):
+    pipe = load(checkpoint)
+    assert pipe.to(torch.bfloat16) is pipe and pipe.dtype == torch.bfloat16
+    pipe.to("cpu", torch.float32)
+    assert pipe.dtype == torch.float32 and pipe.device.type == "cpu"
+    assert {p.dtype for p in pipe.qformer.parameters()} == {torch.float32}
+
+
+def test_pil_output_rounds_the_float_image(pipe, images, baseline):
+    (picture,) = pipe("in the jungle", images[0], "dog", "dog", height=SIZE, width=SIZE, num_inference_steps=STEPS,
+                      generator=seeded(0)).images
+    assert picture.mode == "RGB" and picture.size == (SIZE, SIZE)
+    np.testing.assert_array_equal(np.asarray(picture), (baseline[0] * 255).round().astype(np.uint8))
+    tensor = pipe("in the jungle", images[0], "dog", "dog", height=SIZE, width=SIZE, num_inference_steps=STEPS,
+                  generator=seeded(0), output_type="pt").images
+    np.testing.assert_array_equal(tensor.permute(0, 2, 3, 1).numpy(), baseline)
+
+
+def test_a_negative_prompt_past_77_tokens_is_truncated(pipe, images):
+    words = [f"word{i}" for i in range(120)]
+    long = generate(pipe, reference=images[0], neg_prompt=" ".join(words))
+    tokens = pipe.tokenizer(" ".join(words), truncation=True, max_length=77).input_ids
+    kept = pipe.tokenizer.decode(tokens, skip_special_tokens=True)
+    assert len(pipe.tokenizer(" ".join(words)).input_ids) > 77
+    np.testing.assert_array_equal(long, generate(pipe, reference=images[0], neg_prompt=kept))
 
 
 def test_the_inputs_change_the_image(pipe, images, baseline):

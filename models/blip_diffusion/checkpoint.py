@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -103,9 +105,13 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
     for name in WEIGHT_FILES:
         path = folder / name
         if path.is_file():
-            if path.suffix == ".safetensors":
-                return load_file(path)
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            try:
+                if path.suffix == ".safetensors":
+                    return load_file(path)
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except (SafetensorError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
+                reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+                raise CheckpointError(f"{path}: not a readable weight file ({reason})") from error
     raise CheckpointError(f"{folder}: no weights ({' or '.join(WEIGHT_FILES)})")
 
 
@@ -158,6 +164,15 @@ def save_tokenizer(tokenizer, folder: Path) -> None:
     read those."""
     tokenizer.save_pretrained(folder)
     tokenizer.backend_tokenizer.model.save(str(folder))
+
+
+def require_vocabulary(tokenizer, source: object, embeddings: int) -> None:
+    """transformers 5 returns a tokenizer of the special tokens alone where it finds no vocabulary, and
+    a vocabulary larger than the embedding table would index past it: both are errors here."""
+    if tokenizer.vocab_size <= len(set(tokenizer.all_special_ids)):
+        raise CheckpointError(f"{source}: no vocabulary there (vocab.json and merges.txt, vocab.txt or tokenizer.json)")
+    if len(tokenizer) > embeddings:
+        raise CheckpointError(f"{source}: {len(tokenizer)} tokens, more than the model's {embeddings} embeddings")
 
 
 def load_diffusers_model(model_class: type, root: Path, component: str, dtype: torch.dtype) -> nn.Module:

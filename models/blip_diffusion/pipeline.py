@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
 from blipdiff.models.blip_diffusion import checkpoint
 from blipdiff.models.blip_diffusion.checkpoint import CheckpointError
@@ -108,14 +109,13 @@ class BlipDiffusionPipeline:
             tokenizer = tokenizer_class.from_pretrained(root / "tokenizer")
         except (OSError, ValueError) as error:
             raise CheckpointError(f"tokenizer: cannot load {root / 'tokenizer'} ({error})") from error
+        checkpoint.require_vocabulary(tokenizer, root / "tokenizer", text_config.vocab_size)
         image_processor = SubjectImageProcessor.from_config(
             checkpoint.read_json(root / "image_processor" / "preprocessor_config.json"),
             mean=index.get("mean"), std=index.get("std"))
         subject_tokenizer = checkpoint.load_subject_tokenizer(root, qformer_config)
-        vocabulary = qformer.embeddings.word_embeddings.num_embeddings
-        if len(subject_tokenizer) > vocabulary:
-            raise CheckpointError(f"the subject tokenizer has {len(subject_tokenizer)} tokens, more than the "
-                                  f"Q-Former's {vocabulary} word embeddings")
+        checkpoint.require_vocabulary(subject_tokenizer, "the subject tokenizer",
+                                      qformer.embeddings.word_embeddings.num_embeddings)
         pipe = cls(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet, scheduler=scheduler,
                    qformer=qformer, image_processor=image_processor, subject_tokenizer=subject_tokenizer,
                    ctx_begin_pos=int(index.get("ctx_begin_pos", 2)), controlnet=controlnet, index=index)
@@ -128,10 +128,15 @@ class BlipDiffusionPipeline:
         ``qformer/tokenizer/`` so the folder loads offline. Built beside ``folder`` and renamed into
         place: an interrupted save leaves no half-written checkpoint."""
         target = Path(folder)
-        if target.exists() and any(target.iterdir()) and not (target / "model_index.json").is_file():
+        if target.exists() and not (target.is_dir() and (not any(target.iterdir()) or
+                                                          (target / "model_index.json").is_file())):
             raise FileExistsError(f"{target} exists and is not a checkpoint; refusing to replace it")
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        # mkdtemp makes the folder private; a checkpoint is read like any folder the user makes.
+        umask = os.umask(0)
+        os.umask(umask)
+        staging.chmod(0o777 & ~umask)
         try:
             self._write_layout(staging)
             if target.exists():
@@ -187,7 +192,15 @@ class BlipDiffusionPipeline:
     def _models(self) -> list[torch.nn.Module]:
         return [m for m in (self.qformer, self.text_encoder, self.unet, self.vae, self.controlnet) if m is not None]
 
-    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> BlipDiffusionPipeline:
+    def to(self, *args: str | torch.device | torch.dtype, device: str | torch.device | None = None,
+           dtype: torch.dtype | None = None) -> BlipDiffusionPipeline:
+        """Like diffusers' ``pipe.to``: ``to("cuda")``, ``to(torch.float16)``, ``to("cuda", torch.float16)``
+        or by keyword."""
+        for arg in args:
+            if isinstance(arg, torch.dtype):
+                dtype = arg
+            else:
+                device = arg
         for model in self._models:
             if dtype is not None:
                 model.to(dtype=dtype)
@@ -248,20 +261,17 @@ class BlipDiffusionPipeline:
         return [", ".join([f"a {target} {prompt.strip()}"] * int(prompt_strength * prompt_reps))
                 for prompt, target in zip(prompts, targets)]
 
-    def _max_positions(self) -> int:
-        return self.text_encoder.config.max_position_embeddings
-
     @torch.no_grad()
     def encode_prompt(self, subject_embeds: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         """Prompts with the subject embeddings [len(prompts), Q, D] spliced in → the U-Net's context."""
-        length = self._max_positions() - subject_embeds.shape[1]
+        length = self.text_encoder.config.max_position_embeddings - subject_embeds.shape[1]
         ids = self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=length,
                              return_tensors="pt").input_ids.to(self.device)
         return self.text_encoder(ids, subject_embeds.to(self.device), self.ctx_begin_pos)
 
     @torch.no_grad()
     def encode_negative(self, negative: Sequence[str]) -> torch.Tensor:
-        ids = self.tokenizer(list(negative), padding="max_length", truncation=True, max_length=self._max_positions(),
+        ids = self.tokenizer(list(negative), padding="max_length", truncation=True, max_length=self.text_encoder.config.max_position_embeddings,
                              return_tensors="pt").input_ids.to(self.device)
         return self.text_encoder(ids)
 
@@ -292,7 +302,9 @@ class BlipDiffusionPipeline:
         """Generate ``num_images_per_prompt`` images for each prompt.
 
         ``reference_image`` is one image or a list of images of the same subject, averaged (weighted by
-        ``reference_weights``); it serves every prompt. ``source_subject_category`` names it (one, or one
+        ``reference_weights``); it serves every prompt. A list exactly as long as a list of several
+        prompts pairs one reference (an image, or a list of images averaged) with each prompt instead,
+        as the released pipeline does. ``source_subject_category`` names it (one, or one
         per prompt); ``target_subject_category`` (default: the source) goes into the prompt.
         ``subject_embeds`` ([1 or len(prompt), Q, D], e.g. from ``subject_embedding``) replaces the
         reference image. ``generator`` may be one generator or one per image."""
@@ -322,13 +334,12 @@ class BlipDiffusionPipeline:
                 num_images_per_prompt, dim=1).flatten(0, 1)
         batch = count * num_images_per_prompt
 
-        latents = self._initial_latents(batch, height, width, generator, latents)
         # Timesteps stay on the CPU (as in the released pipeline): PNDM indexes CPU tables with them, and
-        # GPU timesteps would cost a device-to-host wait every step.
+        # GPU timesteps would cost a device-to-host wait every step. They are set before the initial
+        # noise is scaled: sigma-based schedulers (Euler, ...) derive init_noise_sigma from them.
         self.scheduler.set_timesteps(num_inference_steps)
+        latents = self._initial_latents(batch, height, width, generator, latents)
         step_kwargs = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
-        from tqdm.auto import tqdm
-
         for t in tqdm(self.scheduler.timesteps, **self._progress_bar_config):
             model_input = torch.cat([latents] * 2) if guided else latents
             model_input = self.scheduler.scale_model_input(model_input, t).to(self.unet.dtype)
@@ -343,7 +354,9 @@ class BlipDiffusionPipeline:
 
     def _subject_embeds(self, count: int, reference_image, sources: list[str] | None,
                         subject_embeds: torch.Tensor | None, weights: Sequence[float] | None) -> torch.Tensor:
-        """[count, Q, D]: the given embeddings, or one embedding per distinct source category."""
+        """[count, Q, D]: the given embeddings; or, for a list of references as long as the list of
+        prompts (more than one), one reference (an image or a list of images) per prompt, paired as the
+        released pipeline pairs them; or else every reference averaged, once per distinct source category."""
         if subject_embeds is not None:
             size = (self.qformer.num_query_tokens, self.text_encoder.config.hidden_size)
             if subject_embeds.ndim != 3 or subject_embeds.shape[0] not in (1, count) \
@@ -353,6 +366,10 @@ class BlipDiffusionPipeline:
             return subject_embeds.expand(count, -1, -1).to(self.device)
         if reference_image is None or sources is None:
             raise ValueError("give reference_image and source_subject_category, or subject_embeds")
+        if isinstance(reference_image, (list, tuple)) and count > 1 and len(reference_image) == count:
+            if weights is not None:
+                raise ValueError("reference_weights weigh one shared list of references, not one reference per prompt")
+            return torch.cat([self.subject_embedding(images, source) for images, source in zip(reference_image, sources)])
         by_source = {source: self.subject_embedding(reference_image, source, weights) for source in dict.fromkeys(sources)}
         return torch.cat([by_source[source] for source in sources])
 
@@ -360,6 +377,8 @@ class BlipDiffusionPipeline:
         from diffusers.utils.torch_utils import randn_tensor
 
         shape = (batch, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if isinstance(generator, list) and len(generator) != batch:
+            raise ValueError(f"{len(generator)} generators for {batch} images: give one, or one per image")
         if latents is None:
             # Drawn in float32 whatever the model's dtype, so bf16 and fp16 start from the fp32 noise.
             latents = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
