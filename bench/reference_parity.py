@@ -9,8 +9,9 @@ environment (``.reference-venv`` by default; created when missing, ``--fresh`` r
 bench/reference_side.py. That side builds a tiny random BLIP-Diffusion from the reference classes (every
 weight perturbed) and saves it as safetensors and as ``.bin``; both sides then run the same cases (real
 DreamBench photos as reference images, so the reference image resize matters; guided and unguided; a
-negative prompt; a target subject other than the source; two sizes) and their images (max abs on
-[0, 1]), subject embeddings and the U-Net's context (max relative error) are compared. Then the other
+negative prompt; a target subject other than the source; two sizes; one batch call of two prompts, each
+with its own reference photo and categories) and their images (max abs on [0, 1]), subject embeddings
+(each reference's) and the U-Net's context (max relative error) are compared. Then the other
 way: blipdiff saves the checkpoint and the reference loads and runs it. The table goes to
 docs/benchmarks.md.
 
@@ -19,7 +20,7 @@ the BERT-base Q-Former with 16 queries, CLIP ViT-L's text encoder, Stable Diffus
 1.56 billion random, perturbed weights; tokenizers padded to the real vocabulary sizes) with fewer and
 cheaper cases: 64-pixel images, two or three PNDM steps. The three checkpoints (the reference's
 safetensors and ``.bin``, blipdiff's save) take about 19 GB in the work folder; the two sides run one
-after the other, each holding one copy of the model (about 7 GB resident). About four minutes on two CPU
+after the other, each holding one copy of the model (7 to 10 GB resident). About four minutes on two CPU
 cores. Its table goes to a section of its own.
 
 ``--write-fixtures DIR`` copies the reference-built checkpoint, the stand-in ``bert-base-uncased``
@@ -48,7 +49,8 @@ from typing import Any
 import numpy as np
 import torch
 from benchmark_record import ROOT, host, record
-from reference_side import REAL, TINY, call_pipeline, offline_hub_with_bert, open_reference_image
+from reference_side import (REAL, TINY, call_pipeline, is_batch, offline_hub_with_bert, open_reference_image,
+                            reference_paths)
 
 SIDE_SCRIPT = Path(__file__).resolve().with_name("reference_side.py")
 DEFAULT_SIDE_ENV = ROOT / ".reference-venv"
@@ -71,8 +73,14 @@ LAVIS_NEGATIVE = ("over-exposure, under-exposure, saturated, duplicate, out of f
                   "deformed, blurry, duplicate")
 
 
-def _case(name: str, prompt: str, image: str, source: str, target: str, guidance: float, height: int, width: int,
-          steps: int, seed: int, negative: str = "", crop: tuple[int, int, int, int] | None = None) -> dict[str, Any]:
+def _case(name: str, prompt: str | list[str], image: str | list[str], source: str | list[str],
+          target: str | list[str], guidance: float, height: int, width: int, steps: int, seed: int,
+          negative: str = "", crop: tuple[int, int, int, int] | None = None) -> dict[str, Any]:
+    """One call. Lists for ``prompt``, ``image``, ``source`` and ``target``, one entry per prompt, make a
+    batch case (reference_side.is_batch): image i uses reference photo i and categories i."""
+    if isinstance(prompt, list) and not all(isinstance(v, list) and len(v) == len(prompt) > 1
+                                            for v in (image, source, target)):
+        raise ValueError(f"{name}: a batch case gives several prompts and as many photos and categories")
     case = {"name": name, "prompt": prompt, "reference_image": image, "source_subject": source,
             "target_subject": target, "guidance_scale": guidance, "height": height, "width": width,
             "num_inference_steps": steps, "seed": seed, "negative_prompt": negative}
@@ -93,18 +101,25 @@ CASES = [
     # Several WordPiece tokens for the subject; without guidance the negative prompt must be ignored.
     _case("sloth_unguided_negative_32", "on a red sofa", "grey_sloth_plushie/00.jpg", "grey sloth plushie",
           "grey sloth plushie", 1.0, 32, 32, 5, 3, "blurry"),
+    # One call, two prompts, each with its own photo and categories (the reference preprocesses the photos
+    # into one batch and pairs embedding i with prompt i); one generator draws both images' noise. Its
+    # first image is dog_guided_32's call.
+    _case("dog_cat_batch_32", ["in the jungle", "on a red sofa"], ["dog/00.jpg", "cat/01.jpg"], ["dog", "cat"],
+          ["dog", "cat"], 7.5, 32, 32, 6, 0),
 ]
 
 
 # For the released architecture (1.56 billion parameters) on a CPU: fewer cases, 64-pixel images (8x8
-# latents), two or three steps. The dog cases pair up as above; the last case's latents (8x6) are not a
-# multiple of the U-Net's downsampling factor (8), so its up-blocks are told their sizes.
+# latents), two or three steps. The dog cases pair up as above; cat_wide_negative_64x48's latents (8x6) are
+# not a multiple of the U-Net's downsampling factor (8), so its up-blocks are told their sizes.
 REAL_SIZE_CASES = [
     _case("dog_guided_64", "in the jungle", "dog/00.jpg", "dog", "dog", 7.5, 64, 64, 3, 0),
     _case("dog_unguided_64", "in the jungle", "dog/00.jpg", "dog", "dog", 1.0, 64, 64, 3, 0),
     _case("dog_other_photo_64", "in the jungle", "dog/03.jpg", "dog", "dog", 7.5, 64, 64, 3, 0),
     _case("cat_wide_negative_64x48", "on a red sofa", "cat/01.jpg", "cat", "cat", 7.5, 64, 48, 2, 88888,
           LAVIS_NEGATIVE, crop=(0, 300, 1277, 1000)),
+    _case("dog_cat_batch_64", ["in the jungle", "on a red sofa"], ["dog/00.jpg", "cat/01.jpg"], ["dog", "cat"],
+          ["dog", "cat"], 7.5, 64, 64, 2, 0),
 ]
 
 
@@ -117,13 +132,14 @@ class Mode:
     cases: list[dict[str, Any]]
     photo_pair: tuple[str, str]  # two cases that differ only in the reference photo
     guidance_pair: tuple[str, str]  # two cases that differ only in the guidance scale
+    batch_case: str  # a batch case of two prompts with different reference photos
 
 
 TINY_MODE = Mode(
     "BLIP-Diffusion parity with the reference pipeline (tiny random checkpoint)", "tiny",
     f"tiny random BLIP-Diffusion built by the reference ({TINY.image_size}² subject images, {TINY.num_query_tokens} "
     f"query tokens, hidden {TINY.text_hidden}, U-Net and VAE of two blocks)",
-    CASES, ("dog_guided_32", "dog_other_photo_32"), ("dog_guided_32", "dog_unguided_32"))
+    CASES, ("dog_guided_32", "dog_other_photo_32"), ("dog_guided_32", "dog_unguided_32"), "dog_cat_batch_32")
 REAL_SIZE_MODE = Mode(
     "BLIP-Diffusion parity with the reference pipeline (real-size random checkpoint)", "real",
     "the released checkpoint's architecture with random weights, built by the reference: CLIP ViT-L/14 of "
@@ -134,7 +150,8 @@ REAL_SIZE_MODE = Mode(
     "CLIP ViT-L's text encoder, Stable Diffusion v1.5's U-Net and VAE, SD1.5's PNDM; tokenizers: tiny trained "
     f"vocabularies padded with fillers to the real sizes ({REAL.clip_vocab:,} CLIP BPE tokens; "
     f"{REAL.wordpiece_vocab:,} WordPiece tokens, so [DEC] = {REAL.wordpiece_vocab})",
-    REAL_SIZE_CASES, ("dog_guided_64", "dog_other_photo_64"), ("dog_guided_64", "dog_unguided_64"))
+    REAL_SIZE_CASES, ("dog_guided_64", "dog_other_photo_64"), ("dog_guided_64", "dog_unguided_64"),
+    "dog_cat_batch_64")
 
 
 @dataclass
@@ -200,7 +217,9 @@ def load_npz(path: Path) -> dict[str, np.ndarray]:
 
 def run_blipdiff(pipe: Any, cases: list[dict[str, Any]], images: Path) -> dict[str, np.ndarray]:
     """Each case through blipdiff's pipeline with the reference's arguments, plus the same intermediate
-    tensors reference_side.py keeps, captured where blipdiff's pipeline hands them on."""
+    tensors reference_side.py keeps, captured where blipdiff's pipeline hands them on. blipdiff runs the
+    Q-Former once per reference where the reference runs it once on the batch: its captured pixel values
+    and subject ids are concatenated (a batch case's categories must tokenize to the same length)."""
     outputs: dict[str, np.ndarray] = {}
     for case in cases:
         reference_image = open_reference_image(images, case)
@@ -223,15 +242,19 @@ def run_blipdiff(pipe: Any, cases: list[dict[str, Any]], images: Path) -> dict[s
                 lambda _m, args: keep("final_latents", args[0] * pipe.vae.config.scaling_factor)),
         ]
         image = call_pipeline(pipe, case, reference_image, hooks)
-        embedding = pipe.subject_embedding(reference_image, case["source_subject"])
+        if is_batch(case):
+            embedding = torch.cat([pipe.subject_embedding(photo, source)
+                                   for photo, source in zip(reference_image, case["source_subject"], strict=True)])
+        else:
+            embedding = pipe.subject_embedding(reference_image, case["source_subject"])
         name = case["name"]
         outputs |= {
-            f"{name}.image": np.asarray(image[0], dtype=np.float32),
+            f"{name}.image": np.asarray(image if is_batch(case) else image[0], dtype=np.float32),
             f"{name}.subject_embedding": embedding.float().cpu().numpy(),
             f"{name}.prompt_ids": captured["text_ids"][0].numpy(),
-            f"{name}.subject_ids": captured["subject_ids"][0].numpy(),
-            **{f"{name}.{stage}": captured[stage][0].float().numpy()
-               for stage in ("pixel_values", "context", "final_latents")},
+            f"{name}.subject_ids": torch.cat(captured["subject_ids"]).numpy(),
+            f"{name}.pixel_values": torch.cat(captured["pixel_values"]).float().numpy(),
+            **{f"{name}.{stage}": captured[stage][0].float().numpy() for stage in ("context", "final_latents")},
         }
         if len(captured["text_ids"]) > 1:
             outputs[f"{name}.negative_ids"] = captured["text_ids"][1].numpy()
@@ -248,13 +271,21 @@ def relative_error(ours: np.ndarray, reference: np.ndarray) -> float:
     return max_abs(ours, reference) / float(np.abs(reference).max())
 
 
+def embedding_error(ours: np.ndarray, reference: np.ndarray) -> float:
+    """The largest relative error over the subject embeddings [N, Q, D], each reference's on its own
+    (a batch's embeddings may differ in scale)."""
+    if ours.shape != reference.shape:
+        return float("inf")
+    return max(relative_error(mine, theirs) for mine, theirs in zip(ours, reference, strict=True))
+
+
 def compare(ours: dict[str, np.ndarray], reference: dict[str, np.ndarray], cases: list[dict[str, Any]],
             direction: str) -> list[Row]:
     rows = []
     for case in cases:
         name = case["name"]
         row = Row(name, direction, max_abs(ours[f"{name}.image"], reference[f"{name}.image"]),
-                  relative_error(ours[f"{name}.subject_embedding"], reference[f"{name}.subject_embedding"]),
+                  embedding_error(ours[f"{name}.subject_embedding"], reference[f"{name}.subject_embedding"]),
                   relative_error(ours[f"{name}.context"], reference[f"{name}.context"]))
         if not row.passed:
             row.diagnosis = diagnose(ours, reference, name)
@@ -290,13 +321,15 @@ SAME_WEIGHTS = "safetensors vs .bin checkpoint, largest difference"
 OTHER_PHOTO_IMAGE = "another dog photo, image max abs"
 OTHER_PHOTO_EMBEDDING = "another dog photo, embedding relative"
 GUIDANCE = "guidance 7.5 vs 1.0, image max abs"
+BATCH_EMBEDDING = "the batch's two references, embedding relative"
 
 
 def reference_sanity(references: dict[str, dict[str, np.ndarray]], mode: Mode) -> dict[str, float]:
     """The reference's own behaviour the comparison relies on: the same weights in either format give
     bit-identical outputs (two independent runs, so generation is deterministic), and the reference photo
     and the guidance each move the image far beyond the tolerance (the photo the subject embedding too:
-    random weights can leave a model blind to its input)."""
+    random weights can leave a model blind to its input), and the batch case's two references have
+    embeddings far apart (so that pairing a prompt with the wrong one, or with their mean, shows)."""
     run = references["safetensors"]
     photo, other_photo = mode.photo_pair
     guided, unguided = mode.guidance_pair
@@ -306,13 +339,15 @@ def reference_sanity(references: dict[str, dict[str, np.ndarray]], mode: Mode) -
         OTHER_PHOTO_EMBEDDING: relative_error(run[f"{other_photo}.subject_embedding"],
                                               run[f"{photo}.subject_embedding"]),
         GUIDANCE: max_abs(run[f"{guided}.image"], run[f"{unguided}.image"]),
+        BATCH_EMBEDDING: relative_error(*run[f"{mode.batch_case}.subject_embedding"][::-1]),
     }
 
 
 def blind(sanity: dict[str, float]) -> bool:
     """Whether the reference's outputs cannot tell a wrong implementation apart."""
     return (sanity[SAME_WEIGHTS] != 0 or sanity[OTHER_PHOTO_IMAGE] < 10 * IMAGE_TOLERANCE
-            or sanity[OTHER_PHOTO_EMBEDDING] < 10 * EMBEDDING_TOLERANCE or sanity[GUIDANCE] < 10 * IMAGE_TOLERANCE)
+            or sanity[OTHER_PHOTO_EMBEDDING] < 10 * EMBEDDING_TOLERANCE or sanity[GUIDANCE] < 10 * IMAGE_TOLERANCE
+            or sanity[BATCH_EMBEDDING] < 10 * EMBEDDING_TOLERANCE)
 
 
 def folder_bytes(folder: Path) -> int:
@@ -356,11 +391,15 @@ Written by `bench/reference_parity.py --write-fixtures` with the reference pipel
   it as that repository's snapshot in a private Hugging Face cache (`HF_HOME`, `HF_HUB_OFFLINE=1`).
   `[DEC]` is added as the next id, so the Q-Former's vocabulary is one larger.
 - `cases.json`: the calls; `reference_image` is relative to `../shared/data/dreambench/dataset` (not
-  committed: skip when absent), `reference_image_sha256` its checksum.
+  committed: skip when absent), `reference_image_sha256` its checksum. In a batch case `prompt`,
+  `reference_image` (and its checksum), `source_subject` and `target_subject` are lists, one entry per
+  prompt: one call, image i from reference photo i and categories i.
 - `reference.npz`: per case `NAME.image` ([H, W, 3] float16 in [0, 1], `output_type="np"`),
   `NAME.subject_embedding` ([1, {TINY.num_query_tokens}, {TINY.text_hidden}] float32), `NAME.prompt_ids`,
-  `NAME.negative_ids` (guided cases) and `NAME.subject_ids` (int32, as the reference tokenizes them).
-  Tolerances: image max abs {IMAGE_TOLERANCE:g}, embedding max|a-b|/max|b| {EMBEDDING_TOLERANCE:g}.
+  `NAME.negative_ids` (guided cases) and `NAME.subject_ids` (int32, as the reference tokenizes them); a
+  batch case of N prompts has N images ([N, H, W, 3]), N subject embeddings (one per reference) and N
+  rows of ids. Tolerances: image max abs {IMAGE_TOLERANCE:g}, embedding max|a-b|/max|b| (each
+  reference's) {EMBEDDING_TOLERANCE:g}.
 """)
     print(f"fixtures in {target}: {folder_bytes(target):,} bytes"
           f"{'' if with_bin else ' (the .bin checkpoint left out: over the budget)'}")
@@ -380,7 +419,7 @@ def main() -> None:
     if args.real_size and args.write_fixtures:
         parser.error("--write-fixtures writes the tiny checkpoint's fixtures; it does not go with --real-size")
     mode = REAL_SIZE_MODE if args.real_size else TINY_MODE
-    missing = [case["reference_image"] for case in mode.cases if not (args.images / case["reference_image"]).is_file()]
+    missing = [path for case in mode.cases for path in reference_paths(case) if not (args.images / path).is_file()]
     if missing:
         sys.exit(f"reference photos not found under {args.images}: {', '.join(missing)} (pass --images)")
 
@@ -427,8 +466,12 @@ def measure(args: argparse.Namespace, mode: Mode, work: Path) -> None:
     versions = side_versions(python)
     print(f"reference: {versions}", flush=True)
     bert = work / "bert-base-uncased"
-    cases = [{**case, "reference_image_sha256": hashlib.sha256((args.images / case["reference_image"]).read_bytes())
-              .hexdigest()} for case in mode.cases]
+
+    def sha256(path: str) -> str:
+        return hashlib.sha256((args.images / path).read_bytes()).hexdigest()
+
+    cases = [{**case, "reference_image_sha256": [sha256(path) for path in case["reference_image"]] if is_batch(case)
+              else sha256(case["reference_image"])} for case in mode.cases]
     (work / "cases.json").write_text(json.dumps(cases, indent=1) + "\n")
     lap("side environment set-up or check")
 

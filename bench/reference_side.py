@@ -28,6 +28,9 @@ what the pipeline handed on inside: ``NAME.pixel_values`` (the preprocessed refe
 ``NAME.subject_ids``, ``NAME.prompt_ids`` and, when guided, ``NAME.negative_ids`` (token ids),
 ``NAME.context`` (the U-Net's ``encoder_hidden_states`` at the first step, unconditional rows first) and
 ``NAME.final_latents`` (the latents the VAE decodes, before division by the scaling factor).
+A batch case (see ``is_batch``: N prompts, each with its own reference photo and categories) keeps every
+image, ``NAME.image`` [N, H, W, 3], and one subject embedding per reference, [N, Q, D]; its other tensors
+have N rows (2N for the guided context) as they do anyway.
 """
 
 from __future__ import annotations
@@ -324,18 +327,36 @@ def build(out: Path, bert_tokenizer: Path, serialization: str, architecture: Arc
           f"{sum(f.stat().st_size for f in out.rglob('*') if f.is_file()):,} bytes)")
 
 
-def open_reference_image(images: Path, case: dict[str, Any]) -> Image.Image:
-    """The case's reference photo as a PIL image, cut to the case's ``crop`` box (left, top, right,
-    bottom) when it has one: DreamBench's photos are all square, and a crop is how a case exercises the
-    resize of a non-square image (the reference squashes it, without keeping the aspect ratio)."""
-    image = Image.open(images / case["reference_image"])
-    return image.crop(tuple(case["crop"])) if case.get("crop") else image
+def is_batch(case: dict[str, Any]) -> bool:
+    """Whether the case is one batch call: ``prompt``, ``reference_image``, ``source_subject`` and
+    ``target_subject`` are then lists of one entry per prompt (``crop``, when given, a list of boxes or
+    nulls), and image i uses reference i and categories i. Otherwise each is a single string."""
+    return isinstance(case["prompt"], list)
 
 
-def call_pipeline(pipe: Any, case: dict[str, Any], reference_image: Image.Image,
+def reference_paths(case: dict[str, Any]) -> list[str]:
+    """The case's reference photos, relative to the DreamBench dataset folder."""
+    return list(case["reference_image"]) if is_batch(case) else [case["reference_image"]]
+
+
+def open_reference_image(images: Path, case: dict[str, Any]) -> Image.Image | list[Image.Image]:
+    """The case's reference photo as a PIL image (a list of them, one per prompt, for a batch case), cut
+    to the case's ``crop`` box (left, top, right, bottom) when it has one: DreamBench's photos are all
+    square, and a crop is how a case exercises the resize of a non-square image (the reference squashes
+    it, without keeping the aspect ratio)."""
+    paths = reference_paths(case)
+    crops = (case.get("crop") or [None] * len(paths)) if is_batch(case) else [case.get("crop")]
+    opened = [Image.open(images / path) for path in paths]
+    opened = [image.crop(tuple(crop)) if crop else image for image, crop in zip(opened, crops, strict=True)]
+    return opened if is_batch(case) else opened[0]
+
+
+def call_pipeline(pipe: Any, case: dict[str, Any], reference_image: Image.Image | list[Image.Image],
                   hooks: list[torch.utils.hooks.RemovableHandle]) -> np.ndarray:
     """The call both pipelines take alike (blipdiff's is a drop-in): the case's arguments in the
-    reference's order, ``output_type="np"``; ``hooks`` are removed afterwards."""
+    reference's order, ``output_type="np"``; ``hooks`` are removed afterwards. A batch case passes its
+    lists as they are (one reference image per prompt) and one negative prompt, which each pipeline
+    tokenises once per prompt."""
     try:
         return pipe(
             case["prompt"], reference_image, case["source_subject"], case["target_subject"],
@@ -373,13 +394,14 @@ def run_case(pipe: Any, case: dict[str, Any], images: Path) -> dict[str, np.ndar
     ]
     image = call_pipeline(pipe, case, reference_image, hooks)
 
+    # As the pipeline computes them: one batch of every reference photo with its source category.
     pixel_values = pipe.image_processor.preprocess(
         reference_image, image_mean=pipe.config.mean, image_std=pipe.config.std, return_tensors="pt")["pixel_values"]
+    sources = case["source_subject"] if is_batch(case) else [case["source_subject"]]
     with torch.no_grad():
-        subject_embedding = pipe.qformer(image_input=pixel_values, text_input=[case["source_subject"]],
-                                         return_dict=False)
+        subject_embedding = pipe.qformer(image_input=pixel_values, text_input=sources, return_dict=False)
     outputs = {
-        "image": np.asarray(image[0], dtype=np.float32),
+        "image": np.asarray(image if is_batch(case) else image[0], dtype=np.float32),
         "subject_embedding": subject_embedding.numpy(),
         "pixel_values": captured["pixel_values"][0].numpy(),
         "subject_ids": captured["subject_ids"][0].numpy(),

@@ -16,10 +16,12 @@ import pytest
 from helpers import shared_path
 
 pytest.importorskip("diffusers")
-from reference_parity import EMBEDDING_TOLERANCE, IMAGE_TOLERANCE, load_npz, max_abs, relative_error, run_blipdiff
+from reference_parity import EMBEDDING_TOLERANCE, IMAGE_TOLERANCE, embedding_error, load_npz, max_abs, run_blipdiff
+from reference_side import is_batch
 
 FIXTURES = Path(__file__).parent / "fixtures" / "reference_parity"
 CASES = json.loads((FIXTURES / "cases.json").read_text())
+BATCH_CASES = [case for case in CASES if is_batch(case)]
 
 
 @pytest.fixture(scope="module")
@@ -41,13 +43,13 @@ def dreambench() -> Path:
     return shared_path("dreambench", "dataset")
 
 
-def worst_errors(pipe, dreambench: Path) -> tuple[float, float]:
-    """The largest image max-abs and subject-embedding relative error over every case."""
-    ours = run_blipdiff(pipe, CASES, dreambench)
+def worst_errors(pipe, dreambench: Path, cases: list[dict] = CASES) -> tuple[float, float]:
+    """The largest image max-abs and subject-embedding relative error (each reference's) over the cases."""
+    ours = run_blipdiff(pipe, cases, dreambench)
     reference = load_npz(FIXTURES / "reference.npz")
-    images = [max_abs(ours[f"{case['name']}.image"], reference[f"{case['name']}.image"]) for case in CASES]
-    embeddings = [relative_error(ours[f"{case['name']}.subject_embedding"],
-                                 reference[f"{case['name']}.subject_embedding"]) for case in CASES]
+    images = [max_abs(ours[f"{case['name']}.image"], reference[f"{case['name']}.image"]) for case in cases]
+    embeddings = [embedding_error(ours[f"{case['name']}.subject_embedding"],
+                                  reference[f"{case['name']}.subject_embedding"]) for case in cases]
     return max(images), max(embeddings)
 
 
@@ -65,6 +67,31 @@ def test_the_reference_token_ids_are_reproduced(pipe, dreambench):
             key = f"{case['name']}.{ids}"
             if key in reference:
                 np.testing.assert_array_equal(ours[key], reference[key], err_msg=key)
+
+
+def test_the_cases_include_a_batch_of_prompts_each_with_its_own_reference():
+    assert BATCH_CASES
+    for case in BATCH_CASES:
+        assert len(set(case["reference_image"])) == len(case["prompt"]) > 1
+        assert len(set(case["source_subject"])) > 1
+
+
+@pytest.mark.parametrize("mistake", ["the first reference for every prompt", "every reference averaged"])
+def test_a_batch_whose_prompts_lose_their_own_references_fails_parity(pipe, dreambench, monkeypatch, mistake):
+    import torch
+
+    paired = pipe._subject_embeds
+
+    def unpaired(count, reference_image, sources, subject_embeds, weights):
+        if isinstance(reference_image, list) and len(reference_image) == count > 1:
+            if mistake == "every reference averaged":  # blipdiff's reading of a list before it paired them
+                return torch.cat([pipe.subject_embedding(reference_image, source) for source in sources])
+            reference_image = [reference_image[0]] * count
+        return paired(count, reference_image, sources, subject_embeds, weights)
+
+    monkeypatch.setattr(pipe, "_subject_embeds", unpaired)
+    image_error, _ = worst_errors(pipe, dreambench, BATCH_CASES)
+    assert image_error > IMAGE_TOLERANCE
 
 
 def test_a_text_encoder_without_the_causal_mask_fails_parity(pipe, dreambench, monkeypatch):
