@@ -53,6 +53,17 @@ def worst_errors(pipe, dreambench: Path, cases: list[dict] = CASES) -> tuple[flo
     return max(images), max(embeddings)
 
 
+def test_the_reference_photos_are_the_ones_the_reference_saw(dreambench):
+    """The outputs were made from these exact files; another copy of ../shared must not pass for them."""
+    import hashlib
+
+    for case in CASES:
+        paths = case["reference_image"] if is_batch(case) else [case["reference_image"]]
+        sums = case["reference_image_sha256"] if is_batch(case) else [case["reference_image_sha256"]]
+        for path, expected in zip(paths, sums):
+            assert hashlib.sha256((dreambench / path).read_bytes()).hexdigest() == expected, path
+
+
 def test_the_reference_images_and_subject_embeddings_are_reproduced(pipe, dreambench):
     image_error, embedding_error = worst_errors(pipe, dreambench)
     assert image_error <= IMAGE_TOLERANCE
