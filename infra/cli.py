@@ -218,7 +218,7 @@ def generate_command(
     subject: Annotated[str, typer.Option(help="The subject's category, e.g. dog.")],
     prompt: Annotated[list[str], typer.Option(help="What to generate, e.g. 'in the jungle'; repeatable.")],
     out: Annotated[Path, typer.Option(help="Folder for the PNGs and generations.parquet.")],
-    target_subject: Annotated[str | None, typer.Option(help="Category written into the prompt [default: --subject].")] = None,
+    target_subject: Annotated[str | None, typer.Option(help="Category written into the prompt (default: --subject).")] = None,
     negative_prompt: Annotated[str, typer.Option(help="Negative prompt (classifier-free guidance).")] = "",
     steps: Annotated[int, typer.Option(help="Denoising steps.")] = 50,
     guidance: Annotated[float, typer.Option(help="Guidance scale (1 or less: no guidance).")] = 7.5,
