@@ -214,10 +214,13 @@ def app_command(
 @app.command("generate")
 def generate_command(
     model: Annotated[str, typer.Option(help="Hub id or local checkpoint folder (the official layout).")],
-    image: Annotated[list[Path], typer.Option(help="Reference photo of the subject; repeat to average several.")],
     subject: Annotated[str, typer.Option(help="The subject's category, e.g. dog.")],
     prompt: Annotated[list[str], typer.Option(help="What to generate, e.g. 'in the jungle'; repeatable.")],
     out: Annotated[Path, typer.Option(help="Folder for the PNGs and generations.parquet.")],
+    image: Annotated[
+        list[Path] | None, typer.Option(help="Reference photo of the subject; repeat to average several.")] = None,
+    subject_checkpoint: Annotated[
+        Path | None, typer.Option(help="A `blipdiff finetune` output, instead of reference photos.")] = None,
     target_subject: Annotated[str | None, typer.Option(help="Category written into the prompt (default: --subject).")] = None,
     negative_prompt: Annotated[str, typer.Option(help="Negative prompt (classifier-free guidance).")] = "",
     steps: Annotated[int, typer.Option(help="Denoising steps.")] = 50,
@@ -236,7 +239,8 @@ def generate_command(
 
     try:
         config = GenerateConfig(
-            model=model, images=image, subject=subject, target_subject=target_subject, prompts=prompt, out=out,
+            model=model, images=image or [], subject_checkpoint=subject_checkpoint, subject=subject,
+            target_subject=target_subject, prompts=prompt, out=out,
             negative_prompt=negative_prompt, steps=steps, guidance=guidance, seed=seed, num_images=num_images,
             height=height, width=width, scheduler=scheduler, dtype=dtype, device=device)
     except ValidationError as error:
@@ -252,6 +256,41 @@ def _validation_messages(error) -> list[str]:
     """Pydantic's errors as 'field: message' lines, without its URLs and input dumps."""
     return [f"{'.'.join(str(part) for part in item['loc']) or 'input'}: {item['msg'].removeprefix('Value error, ')}"
             for item in error.errors()]
+
+
+@app.command("finetune")
+def finetune_command(
+    model: Annotated[str, typer.Option(help="Hub id or local checkpoint folder (the official layout).")],
+    images: Annotated[list[Path], typer.Option(help="Photo of the subject, or a folder of them; repeatable.")],
+    subject: Annotated[str, typer.Option(help="The subject's category, e.g. dog.")],
+    out: Annotated[Path, typer.Option(help="Folder for the subject checkpoint.")],
+    steps: Annotated[int, typer.Option(help="Training steps (the paper: 40 to 120).")] = 80,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate (LAVIS and the paper's appendix).")] = 5e-6,
+    batch_size: Annotated[int, typer.Option(help="Photos per step.")] = 3,
+    mode: Annotated[str, typer.Option(help="full (the U-Net) or lora (an adapter of a few MB).")] = "full",
+    lora_rank: Annotated[int, typer.Option(help="Rank of the LoRA adapter.")] = 16,
+    precision: Annotated[str, typer.Option(help="bf16 (autocast over fp32 weights) or fp32.")] = "bf16",
+    resolution: Annotated[int, typer.Option(help="Side of the square training targets.")] = 512,
+    seed: Annotated[int, typer.Option(help="Seed of the noise, timesteps and photo order.")] = 0,
+    device: Annotated[str | None, typer.Option(help="torch device (default: cuda when available).")] = None,
+) -> None:
+    """Fine-tune BLIP-Diffusion to one subject in a few steps (LAVIS's recipe): a subject checkpoint."""
+    from blipdiff.models.training.finetune import FinetuneConfig
+    from pydantic import ValidationError
+
+    try:
+        config = FinetuneConfig(model=model, images=images, subject=subject, out=out, steps=steps, lr=lr,
+                                batch_size=batch_size, mode=mode, lora_rank=lora_rank, precision=precision,
+                                resolution=resolution, seed=seed, device=device)
+    except ValidationError as error:
+        raise _fail("; ".join(_validation_messages(error))) from error
+    from blipdiff.models.training.finetune import finetune
+
+    try:
+        finetune(config, log=typer.echo)
+    except (ValueError, OSError) as error:  # CheckpointError is a ValueError
+        raise _fail(str(error)) from error
+    typer.echo(f"use it: blipdiff generate --model {model} --subject-checkpoint {out} --subject {subject} --prompt ...")
 
 
 @app.command("serve")

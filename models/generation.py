@@ -31,7 +31,8 @@ class GenerateConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     model: str = Field(description="Hub id or local checkpoint folder in the official layout.")
-    images: list[Path] = Field(min_length=1, description="Reference photos of the subject (averaged).")
+    images: list[Path] = Field(default_factory=list, description="Reference photos of the subject (averaged).")
+    subject_checkpoint: Path | None = Field(None, description="A `blipdiff finetune` output, instead of photos.")
     subject: str = Field(description="The subject's category, e.g. 'dog'.")
     target_subject: str | None = Field(None, description="Category written into the prompt (default: subject).")
     prompts: list[str] = Field(min_length=1)
@@ -72,6 +73,10 @@ class GenerateConfig(BaseModel):
     def _images_readable(self) -> GenerateConfig:
         from PIL import Image, UnidentifiedImageError
 
+        if bool(self.images) == (self.subject_checkpoint is not None):
+            raise ValueError("give reference images (--image) or a subject checkpoint (--subject-checkpoint), one of them")
+        if self.subject_checkpoint is not None and not self.subject_checkpoint.is_dir():
+            raise ValueError(f"subject checkpoint {self.subject_checkpoint}: no such folder")
         for path in self.images:
             if not path.is_file():
                 raise ValueError(f"reference image {path}: no such file")
@@ -87,6 +92,8 @@ class GenerateConfig(BaseModel):
         rerun from another folder is recognised for what it is."""
         settings = self.model_dump(mode="json", exclude={"out"})
         settings["images"] = [str(path.resolve()) for path in self.images]
+        if self.subject_checkpoint is not None:
+            settings["subject_checkpoint"] = str(self.subject_checkpoint.resolve())
         if Path(self.model).expanduser().exists():
             settings["model"] = str(Path(self.model).expanduser().resolve())
         return settings
@@ -138,7 +145,10 @@ def generate_images(config: GenerateConfig, log=print) -> Path:
                                                  device=config.device)
     pipe.scheduler = getattr(diffusers, SCHEDULERS[config.scheduler]).from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    subject_embeds = pipe.subject_embedding(config.images, config.subject)
+    if config.subject_checkpoint is not None:
+        subject_embeds = pipe.load_subject(config.subject_checkpoint)
+    else:
+        subject_embeds = pipe.subject_embedding(config.images, config.subject)
 
     config.out.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(config.out)

@@ -71,6 +71,7 @@ class BlipDiffusionPipeline:
         self.controlnet = controlnet
         # model_index.json as read, so that saving keeps what this class does not use.
         self._index = dict(index or {})
+        self._subject: Path | None = None
         self._progress_bar_config: dict[str, Any] = {}
 
     # ----------------------------------------------------------------- loading, saving, placement
@@ -251,6 +252,20 @@ class BlipDiffusionPipeline:
             raise ValueError(f"weights: one non-negative weight per image ({len(images)}), not all zero")
         weight = (weight / weight.sum()).to(embeds.device, embeds.dtype)
         return (embeds * weight[:, None, None]).sum(dim=0, keepdim=True)
+
+    def load_subject(self, folder: str | os.PathLike) -> torch.Tensor:
+        """Apply a subject checkpoint from ``blipdiff finetune`` (its U-Net or LoRA adapter) and return its
+        subject embedding [1, Q, D], to pass as ``subject_embeds``. One subject per loaded pipeline: the
+        U-Net changes, so load the base model again for another subject."""
+        from blipdiff.models.blip_diffusion.subject_checkpoint import apply_subject
+
+        if self._subject is not None:
+            raise ValueError(f"the subject checkpoint {self._subject} is already applied; load the base model "
+                             "again for another subject")
+        folder = Path(folder)
+        self.unet, embeds = apply_subject(self.unet, folder)
+        self._subject = folder
+        return embeds.to(self.device, self.qformer.query_tokens.dtype)
 
     # ------------------------------------------------------------------------------ the prompt
     @staticmethod

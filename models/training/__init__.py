@@ -1,0 +1,1 @@
+"""Training loops: few-step subject fine-tuning (and, later, stage-2 pre-training)."""
