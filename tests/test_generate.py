@@ -215,6 +215,9 @@ BAD_INPUTS = {
     "model folder lacking a component": ({"model": lambda tmp, ck, ph: _without_unet(ck, tmp)}, "unet"),
     "hub id while offline": ({"model": "Salesforce/blipdiffusion"}, "HF_HUB_OFFLINE"),
     "a device this machine lacks": ({"device": "cuda"}, "no cuda device"),
+    "neither photos nor a subject checkpoint": ({"images": lambda tmp, ck, ph: []}, "--subject-checkpoint"),
+    "a subject checkpoint that is not there": ({"subject_checkpoint": lambda tmp, ck, ph: tmp / "nowhere",
+                                                 "images": lambda tmp, ck, ph: []}, "no such folder"),
     "not a device": ({"device": "gpu0"}, "not a torch device"),
 }
 
