@@ -160,7 +160,7 @@ def finetune(config: FinetuneConfig, log: Callable[[str], None] = print) -> Path
     optimizer = torch.optim.AdamW([
         {"params": [p for p in trained if p.ndim >= 2], "weight_decay": config.weight_decay},
         {"params": [p for p in trained if p.ndim < 2] + [subject_embeds], "weight_decay": 0.0}],
-        lr=config.lr, betas=(0.9, 0.999), eps=1e-8)
+        lr=config.lr, betas=(0.9, 0.999), eps=1e-8, fused=device.type == "cuda")
     noise_schedule = DDPMScheduler.from_config(pipe.scheduler.config)
     prompt_ids = pipe.tokenizer([f"a {config.subject}"], padding="max_length", truncation=True,
                                 max_length=pipe.text_encoder.config.max_position_embeddings - pipe.qformer.num_query_tokens,
@@ -193,10 +193,14 @@ def finetune(config: FinetuneConfig, log: Callable[[str], None] = print) -> Path
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        losses.append(loss.item())
+        # Kept on the device: reading a loss waits for the GPU, so only the logged ones are read now.
+        losses.append(loss.detach())
         if step == 1 or step % 10 == 0 or step == config.steps:
-            log(f"step {step}/{config.steps}: loss {losses[-1]:.4f}")
+            log(f"step {step}/{config.steps}: loss {loss.item():.4f}")
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     seconds = time.perf_counter() - started
+    losses = torch.stack(losses).tolist()
     unet.eval()
 
     out.parent.mkdir(parents=True, exist_ok=True)
