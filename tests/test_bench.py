@@ -3,6 +3,7 @@ classes or to transformers shows here, not only on a lent GPU."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -39,3 +40,19 @@ def test_the_gpu_generate_benchmark_runs_end_to_end_on_the_cpu():
     assert {batch.strip() for _, batch in rows} == {"1", "2"}, done.stdout
     assert "subject embedding:" in done.stdout
     assert done.stdout.strip().splitlines()[-1].startswith("DreamBench's 3,000 images at 2 steps, batch 2:")
+
+
+def test_the_gpu_finetune_benchmark_runs_end_to_end_on_the_cpu():
+    pytest.importorskip("peft")
+    photos = shared_path("dreambench", "dataset")
+    # One thread: the tiny model's steps take milliseconds, and threads waiting on a busy machine take seconds.
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_finetune.py"), "--device", "cpu", "--tiny",
+                           "--no-record", "--steps", "2", "--resolution", "32", "--photos", str(photos)],
+                          capture_output=True, text=True, timeout=600, cwd=REPO / "bench",
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line.split("|")[1:4] for line in done.stdout.splitlines() if line.startswith(("| full |", "| lora |"))]
+    assert {(mode.strip(), steps.strip(), batch.strip()) for mode, steps, batch in rows} == \
+        {("full", "2", "3"), ("lora", "2", "3")}, done.stdout
+    assert done.stdout.strip().splitlines()[-1].startswith("goal: 80 steps at batch 3")
+    assert "not assessed, this ran on the CPU" in done.stdout
