@@ -18,6 +18,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from blipdiff.infra.atomic import atomic_path, remove_stale_temporaries, write_json_atomic
+from blipdiff.models.inputs import model_location, multiple_of_eight, named_subject, readable_image
 
 SCHEDULERS = {"pndm": "PNDMScheduler", "ddim": "DDIMScheduler", "dpm": "DPMSolverMultistepScheduler"}
 RUN_FILE = "run.json"
@@ -51,9 +52,7 @@ class GenerateConfig(BaseModel):
     @field_validator("subject", "target_subject")
     @classmethod
     def _subject_named(cls, value: str | None) -> str | None:
-        if value is not None and not value.strip():
-            raise ValueError("the subject is empty: name its category, e.g. dog")
-        return None if value is None else value.strip()
+        return None if value is None else named_subject(value)
 
     @field_validator("prompts")
     @classmethod
@@ -65,26 +64,16 @@ class GenerateConfig(BaseModel):
     @field_validator("height", "width")
     @classmethod
     def _multiple_of_eight(cls, value: int) -> int:
-        if value % 8:
-            raise ValueError(f"{value} is not a multiple of 8 (the VAE downsamples by 8)")
-        return value
+        return multiple_of_eight(value)
 
     @model_validator(mode="after")
     def _images_readable(self) -> GenerateConfig:
-        from PIL import Image, UnidentifiedImageError
-
         if bool(self.images) == (self.subject_checkpoint is not None):
             raise ValueError("give reference images (--image) or a subject checkpoint (--subject-checkpoint), one of them")
         if self.subject_checkpoint is not None and not self.subject_checkpoint.is_dir():
             raise ValueError(f"subject checkpoint {self.subject_checkpoint}: no such folder")
         for path in self.images:
-            if not path.is_file():
-                raise ValueError(f"reference image {path}: no such file")
-            try:
-                with Image.open(path) as image:
-                    image.load()
-            except (UnidentifiedImageError, OSError) as error:
-                raise ValueError(f"reference image {path}: not a readable image ({error})") from error
+            readable_image(path)
         return self
 
     def settings(self) -> dict:
@@ -94,8 +83,7 @@ class GenerateConfig(BaseModel):
         settings["images"] = [str(path.resolve()) for path in self.images]
         if self.subject_checkpoint is not None:
             settings["subject_checkpoint"] = str(self.subject_checkpoint.resolve())
-        if Path(self.model).expanduser().exists():
-            settings["model"] = str(Path(self.model).expanduser().resolve())
+        settings["model"] = model_location(self.model)
         return settings
 
 

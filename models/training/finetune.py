@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from blipdiff.models.blip_diffusion.subject_checkpoint import (EMBEDDING_FILE, LORA_CONFIG, LORA_FOLDER, LORA_TARGETS,
                                                                LORA_WEIGHTS, SUBJECT_FILE, UNET_FOLDER)
+from blipdiff.models.inputs import model_location, multiple_of_eight, named_subject, readable_image
 
 
 class FinetuneConfig(BaseModel):
@@ -53,16 +54,12 @@ class FinetuneConfig(BaseModel):
     @field_validator("subject")
     @classmethod
     def _subject_named(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("the subject is empty: name its category, e.g. --subject dog")
-        return value.strip()
+        return named_subject(value)
 
     @field_validator("resolution")
     @classmethod
     def _multiple_of_eight(cls, value: int) -> int:
-        if value % 8:
-            raise ValueError(f"{value} is not a multiple of 8 (the VAE downsamples by 8)")
-        return value
+        return multiple_of_eight(value)
 
     @model_validator(mode="after")
     def _photos_readable(self) -> FinetuneConfig:
@@ -71,33 +68,26 @@ class FinetuneConfig(BaseModel):
 
     def photos(self) -> list[Path]:
         """Every photo named, folders expanded; an error names what is missing or unreadable."""
-        from PIL import Image, UnidentifiedImageError
-
         from blipdiff.datasets.decode import IMAGE_SUFFIXES
 
         photos: list[Path] = []
         for path in self.images:
             if path.is_dir():
                 photos += sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-            elif path.is_file():
+            elif path.exists():
                 photos.append(path)
             else:
                 raise ValueError(f"{path}: no such file or folder")
         if not photos:
             raise ValueError(f"no photos in {', '.join(map(str, self.images))}")
         for photo in photos:
-            try:
-                with Image.open(photo) as image:
-                    image.load()
-            except (UnidentifiedImageError, OSError) as error:
-                raise ValueError(f"{photo}: not a readable image ({error})") from error
+            readable_image(photo)
         return photos
 
     def settings(self) -> dict:
         settings = self.model_dump(mode="json", exclude={"out", "device"})
         settings["images"] = [str(path.resolve()) for path in self.photos()]
-        if Path(self.model).expanduser().exists():
-            settings["model"] = str(Path(self.model).expanduser().resolve())
+        settings["model"] = model_location(self.model)
         return settings
 
 

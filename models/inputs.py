@@ -1,0 +1,37 @@
+"""Checks and normal forms of the inputs that the model commands share (generate, finetune), for their
+configuration models: each raises ValueError with the message the command line shows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def named_subject(value: str) -> str:
+    if not value.strip():
+        raise ValueError("the subject is empty: name its category, e.g. dog")
+    return value.strip()
+
+
+def multiple_of_eight(value: int) -> int:
+    if value % 8:
+        raise ValueError(f"{value} is not a multiple of 8 (the VAE downsamples by 8)")
+    return value
+
+
+def readable_image(path: Path) -> None:
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file")
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except (UnidentifiedImageError, OSError) as error:
+        raise ValueError(f"{path}: not a readable image ({error})") from error
+
+
+def model_location(model: str) -> str:
+    """A local checkpoint folder as an absolute path (a rerun from elsewhere names the same one); a hub
+    id as it is."""
+    folder = Path(model).expanduser()
+    return str(folder.resolve()) if folder.exists() else model
