@@ -23,11 +23,9 @@ master weights (``--precision``), LAVIS's settings otherwise:
   other in one process, so the later ones find CUDA already initialised;
 - steps/s and samples/s over those seconds;
 - what comes before the loop, reported apart: the checkpoint's load (``from_pretrained``), the subject
-  embedding of the photos and their latent encoding by the VAE. ``finetune`` does not report these,
-  so the script wraps ``BlipDiffusionPipeline.from_pretrained`` and, on the pipeline it returns,
-  ``subject_embedding`` and ``vae.encode`` with clocks while ``finetune`` runs (GPU synchronised
-  around each; nothing in ``blipdiff.models`` changes). "other" is the rest of the call: building the
-  optimiser, adding the adapter, and saving the subject checkpoint. On the CPU the load only maps the
+  embedding of the photos and their latent encoding by the VAE, as ``finetune`` times them itself
+  (``seconds`` in ``subject.json``, GPU synchronised at each phase's end). "other" is the rest of the
+  call: building the optimiser, adding the adapter, and saving the subject checkpoint. On the CPU the load only maps the
   safetensors files; the pages are read when first used, inside the later phases;
 - peak GPU memory over the whole call (``torch.cuda.max_memory_allocated``; every component of the
   pipeline stays on the GPU in float32 while the U-Net trains);
@@ -55,8 +53,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -70,7 +67,6 @@ from gpu_generate import (
     forward_gflops,
     parameter_counts,
     random_pipeline,
-    synchronize,
 )
 
 if TYPE_CHECKING:
@@ -90,7 +86,7 @@ class Run:
     batch_size: int
     train_seconds: float
     total_seconds: float
-    phases: dict[str, float]  # load, subject embedding, latent encoding
+    phases: dict[str, float]  # finetune's own clock: load, subject embedding, latent encoding, training, ...
     unet_gflop_per_sample: float
     checkpoint_bytes: int
     first_loss: float
@@ -108,7 +104,8 @@ class Run:
     def row(self, peak_tflops: float | None) -> str:
         share = f"{self.tflops / peak_tflops:.0%}" if peak_tflops else "n/a (CPU)"
         memory = "n/a (CPU)" if self.peak_gib is None else f"{self.peak_gib:.1f}"
-        other = self.total_seconds - self.train_seconds - sum(self.phases.values())
+        other = self.total_seconds - sum(self.phases[phase] for phase in
+                                          ("load", "subject embedding", "latent encoding", "training"))
         return (f"| {self.mode} | {self.steps} | {self.batch_size} | {self.train_seconds:.2f} | "
                 f"{self.steps / self.train_seconds:.2f} | {self.samples / self.train_seconds:.2f} | "
                 f"{self.unet_gflop_per_sample:,.4g} | {self.tflops:.3g} | {share} | {memory} | "
@@ -170,40 +167,6 @@ def unet_training_gflops(root: Path, resolution: int, mode: str, lora_rank: int)
     return forward_gflops(diffusers.UNet2DConditionModel, unet_config, step)
 
 
-@contextmanager
-def phase_clock(device: torch.device) -> Iterator[dict[str, float]]:
-    """Seconds ``finetune`` spends loading the checkpoint, embedding the subject and encoding the
-    latents, by wrapping ``from_pretrained`` and, on the pipeline it returns, ``subject_embedding`` and
-    ``vae.encode``. Only this benchmark's process sees the wrappers, and only inside the block."""
-    from blipdiff.models.blip_diffusion import BlipDiffusionPipeline
-
-    phases = {"load": 0.0, "subject embedding": 0.0, "latent encoding": 0.0}
-    original = BlipDiffusionPipeline.__dict__["from_pretrained"]
-
-    def timed(name: str, function: Any) -> Any:
-        def call(*args: Any, **kwargs: Any) -> Any:
-            synchronize(device)
-            started = time.perf_counter()
-            try:
-                return function(*args, **kwargs)
-            finally:
-                synchronize(device)
-                phases[name] += time.perf_counter() - started
-        return call
-
-    def load(cls: type, *args: Any, **kwargs: Any) -> Any:
-        pipe = timed("load", original.__func__)(cls, *args, **kwargs)
-        pipe.subject_embedding = timed("subject embedding", pipe.subject_embedding)
-        pipe.vae.encode = timed("latent encoding", pipe.vae.encode)
-        return pipe
-
-    BlipDiffusionPipeline.from_pretrained = classmethod(load)
-    try:
-        yield phases
-    finally:
-        BlipDiffusionPipeline.from_pretrained = original
-
-
 def subject_photos(folder: Path, subject: str) -> tuple[Path, str]:
     """The DreamBench subject's folder and its category: "dog2" is a dog, "bear_plushie" a bear plushie."""
     photos = folder / subject
@@ -228,13 +191,12 @@ def fine_tune(model: str, root: Path, mode: str, args: argparse.Namespace, photo
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter()
-    with phase_clock(device) as phases:
-        finetune(config, log=lambda line: print(f"  {mode}: {line}", flush=True))
+    finetune(config, log=lambda line: print(f"  {mode}: {line}", flush=True))
     total = time.perf_counter() - started
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
     saved = json.loads((out / "subject.json").read_text())
     gflop = unet_training_gflops(root, args.resolution, mode, args.lora_rank)
-    return Run(mode, args.steps, args.batch_size, saved["train_seconds"], total, dict(phases), gflop,
+    return Run(mode, args.steps, args.batch_size, saved["train_seconds"], total, saved["seconds"], gflop,
                folder_bytes(out), saved["losses"][0], saved["losses"][-1], peak)
 
 

@@ -61,13 +61,15 @@ def test_both_modes_write_a_subject_checkpoint(subjects):
     full, lora = subjects["full"], subjects["lora"]
     assert (full / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert not (full / "unet_lora").exists()
-    assert (lora / "unet_lora" / "adapter_model.safetensors").is_file() and not (lora / "unet").exists()
+    assert (lora / "unet_lora" / "pytorch_lora_weights.safetensors").is_file() and not (lora / "unet").exists()
     # The adapter is a small fraction of the U-Net.
-    assert (lora / "unet_lora" / "adapter_model.safetensors").stat().st_size < \
+    assert (lora / "unet_lora" / "pytorch_lora_weights.safetensors").stat().st_size < \
         (full / "unet" / "diffusion_pytorch_model.safetensors").stat().st_size / 4
     for folder in (full, lora):
         record = json.loads((folder / "subject.json").read_text())
         assert record["subject"] == "dog" and len(record["losses"]) == TRAINING["steps"]
+        assert {"load", "subject embedding", "latent encoding", "training", "saving"} <= set(record["seconds"])
+        assert record["train_seconds"] == record["seconds"]["training"] > 0
         assert len(record["settings"]["images"]) == 3
 
 

@@ -166,10 +166,14 @@ def save_tokenizer(tokenizer, folder: Path) -> None:
     tokenizer.backend_tokenizer.model.save(str(folder))
 
 
+def has_vocabulary(tokenizer) -> bool:
+    """transformers 5 returns a tokenizer of the special tokens alone where it finds no vocabulary."""
+    return tokenizer.vocab_size > len(set(tokenizer.all_special_ids))
+
+
 def require_vocabulary(tokenizer, source: object, embeddings: int) -> None:
-    """transformers 5 returns a tokenizer of the special tokens alone where it finds no vocabulary, and
-    a vocabulary larger than the embedding table would index past it: both are errors here."""
-    if tokenizer.vocab_size <= len(set(tokenizer.all_special_ids)):
+    """A tokenizer without vocabulary, or one larger than the embedding table it indexes, is an error."""
+    if not has_vocabulary(tokenizer):
         raise CheckpointError(f"{source}: no vocabulary there (vocab.json and merges.txt, vocab.txt or tokenizer.json)")
     if len(tokenizer) > embeddings:
         raise CheckpointError(f"{source}: {len(tokenizer)} tokens, more than the model's {embeddings} embeddings")
@@ -219,8 +223,7 @@ def load_subject_tokenizer(root: Path, qformer_config: Mapping[str, Any]):
         except (OSError, ValueError) as error:
             failures.append(f"{description}: {str(error).splitlines()[0]}")
             continue
-        if tokenizer.vocab_size <= len(set(tokenizer.all_special_ids)):
-            # transformers 5 returns a tokenizer of the special tokens alone where it finds no vocabulary.
+        if not has_vocabulary(tokenizer):
             failures.append(f"{description}: no vocabulary (vocab.txt or tokenizer.json) there")
             continue
         if tokenizer.bos_token != DECODER_TOKEN:

@@ -16,8 +16,6 @@ from __future__ import annotations
 import inspect
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +26,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from blipdiff.infra.atomic import atomic_folder
 from blipdiff.models.blip_diffusion import checkpoint
 from blipdiff.models.blip_diffusion.checkpoint import CheckpointError
 from blipdiff.models.blip_diffusion.image_processor import ImageInput, SubjectImageProcessor, postprocess
@@ -132,23 +131,8 @@ class BlipDiffusionPipeline:
         if target.exists() and not (target.is_dir() and (not any(target.iterdir()) or
                                                           (target / "model_index.json").is_file())):
             raise FileExistsError(f"{target} exists and is not a checkpoint; refusing to replace it")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-        # mkdtemp makes the folder private; a checkpoint is read like any folder the user makes.
-        umask = os.umask(0)
-        os.umask(umask)
-        staging.chmod(0o777 & ~umask)
-        try:
+        with atomic_folder(target) as staging:
             self._write_layout(staging)
-            if target.exists():
-                retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-                os.replace(target, retired / "checkpoint")
-                os.replace(staging, target)
-                shutil.rmtree(retired)
-            else:
-                os.replace(staging, target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
 
     def _write_layout(self, root: Path) -> None:
         import diffusers

@@ -11,14 +11,13 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from blipdiff.models.blip_diffusion.checkpoint import CheckpointError, raise_for_keys
+from blipdiff.models.blip_diffusion.checkpoint import CheckpointError
 
 SUBJECT_FILE = "subject.json"
 EMBEDDING_FILE = "subject_embedding.safetensors"
 UNET_FOLDER = "unet"
-LORA_FOLDER = "unet_lora"
-LORA_WEIGHTS = "adapter_model.safetensors"
-LORA_CONFIG = "adapter_config.json"
+LORA_FOLDER = "unet_lora"  # diffusers' save_lora_adapter: the weights, with peft's LoraConfig in their metadata
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
@@ -44,12 +43,5 @@ def apply_subject(unet: torch.nn.Module, folder: Path) -> tuple[torch.nn.Module,
         if architecture(tuned.config) != architecture(unet.config):
             raise CheckpointError(f"{folder}: its U-Net is not the model's architecture")
         return tuned.to(unet.device).eval(), embeds
-    from peft import LoraConfig, set_peft_model_state_dict
-
-    settings = json.loads((folder / LORA_FOLDER / LORA_CONFIG).read_text())
-    unet.add_adapter(LoraConfig(r=settings["r"], lora_alpha=settings["lora_alpha"],
-                                target_modules=settings["target_modules"]))
-    state = load_file(folder / LORA_FOLDER / LORA_WEIGHTS)
-    result = set_peft_model_state_dict(unet, state)
-    raise_for_keys(f"{folder / LORA_FOLDER}", [k for k in result.missing_keys if "lora_" in k], result.unexpected_keys)
+    unet.load_lora_adapter(folder / LORA_FOLDER, prefix=None, weight_name=LORA_WEIGHTS, use_safetensors=True)
     return unet, embeds

@@ -16,18 +16,16 @@ embedding. ``BlipDiffusionPipeline.load_subject`` reads either.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
-from blipdiff.models.blip_diffusion.subject_checkpoint import (EMBEDDING_FILE, LORA_CONFIG, LORA_FOLDER, LORA_TARGETS,
-                                                               LORA_WEIGHTS, SUBJECT_FILE, UNET_FOLDER)
+from blipdiff.infra.atomic import atomic_folder
+from blipdiff.models.blip_diffusion.subject_checkpoint import (EMBEDDING_FILE, LORA_FOLDER, LORA_TARGETS, LORA_WEIGHTS,
+                                                               SUBJECT_FILE, UNET_FOLDER)
 from blipdiff.models.inputs import model_location, multiple_of_eight, named_subject, readable_image
 
 
@@ -61,13 +59,20 @@ class FinetuneConfig(BaseModel):
     def _multiple_of_eight(cls, value: int) -> int:
         return multiple_of_eight(value)
 
+    # The photos that ``images`` names, found and checked once, when the config is made.
+    _photos: list[Path] = PrivateAttr(default_factory=list)
+
     @model_validator(mode="after")
     def _photos_readable(self) -> FinetuneConfig:
-        self.photos()
+        self._photos = self._find_photos()
         return self
 
     def photos(self) -> list[Path]:
-        """Every photo named, folders expanded; an error names what is missing or unreadable."""
+        """Every photo named, folders expanded."""
+        return list(self._photos)
+
+    def _find_photos(self) -> list[Path]:
+        """An error names what is missing or unreadable."""
         from blipdiff.datasets.decode import IMAGE_SUFFIXES
 
         photos: list[Path] = []
@@ -123,17 +128,30 @@ def finetune(config: FinetuneConfig, log: Callable[[str], None] = print) -> Path
     from blipdiff.models.blip_diffusion import BlipDiffusionPipeline
 
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(phase: str) -> None:
+        """Seconds of each phase for subject.json (the benchmark reads them); waits for the GPU first."""
+        nonlocal clock
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        now = time.perf_counter()
+        seconds[phase], clock = now - clock, now
+
     torch.manual_seed(config.seed)
     pipe = BlipDiffusionPipeline.from_pretrained(config.model, device=device)
     photos = [Image.open(path).convert("RGB") for path in config.photos()]
-
+    lap("load")
     with torch.no_grad():
         crops = [_square(photo, pipe.image_processor.height) for photo in photos]
         embedding = pipe.subject_embedding(crops, config.subject)
+        lap("subject embedding")
         targets = torch.stack([torch.from_numpy(np.asarray(_square(photo, config.resolution), dtype=np.float32))
                                .permute(2, 0, 1) / 127.5 - 1 for photo in photos]).to(device)
         posterior = pipe.vae.encode(targets).latent_dist
         latent_mean, latent_std = posterior.mean, posterior.std
+        lap("latent encoding")
     subject_embeds = torch.nn.Parameter(embedding.detach().float().clone())
 
     unet = pipe.unet
@@ -159,7 +177,7 @@ def finetune(config: FinetuneConfig, log: Callable[[str], None] = print) -> Path
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
     unet.train()
     losses, order = [], []
-    started = time.perf_counter()
+    lap("set-up")
     for step in range(1, config.steps + 1):
         batch = []
         while len(batch) < config.batch_size:
@@ -187,42 +205,25 @@ def finetune(config: FinetuneConfig, log: Callable[[str], None] = print) -> Path
         losses.append(loss.detach())
         if step == 1 or step % 10 == 0 or step == config.steps:
             log(f"step {step}/{config.steps}: loss {loss.item():.4f}")
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - started
+    lap("training")
     losses = torch.stack(losses).tolist()
     unet.eval()
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_folder(out) as staging:
         save_file({"subject_embeds": subject_embeds.detach().cpu().contiguous()}, staging / EMBEDDING_FILE,
                   metadata={"format": "pt"})
         if config.mode == "lora":
-            from peft import get_peft_model_state_dict
-
-            (staging / LORA_FOLDER).mkdir()
-            state = {key: value.detach().cpu().contiguous() for key, value in get_peft_model_state_dict(unet).items()}
-            save_file(state, staging / LORA_FOLDER / LORA_WEIGHTS, metadata={"format": "pt"})
-            (staging / LORA_FOLDER / LORA_CONFIG).write_text(json.dumps(
-                {"r": config.lora_rank, "lora_alpha": config.lora_rank, "target_modules": LORA_TARGETS}))
+            unet.save_lora_adapter(staging / LORA_FOLDER, weight_name=LORA_WEIGHTS)
         else:
             saved_dtype = torch.bfloat16 if config.precision == "bf16" else torch.float32
             (staging / UNET_FOLDER).mkdir()
             unet.save_config(staging / UNET_FOLDER)
             save_file({key: value.detach().to(saved_dtype).cpu().contiguous() for key, value in unet.state_dict().items()},
                       staging / UNET_FOLDER / "diffusion_pytorch_model.safetensors", metadata={"format": "pt"})
+        lap("saving")
         record = {"subject": config.subject, "mode": config.mode, "settings": config.settings(),
-                  "losses": losses, "train_seconds": seconds}
+                  "losses": losses, "train_seconds": seconds["training"], "seconds": seconds}
         # Written last: its presence marks a complete checkpoint.
         (staging / SUBJECT_FILE).write_text(json.dumps(record, indent=2) + "\n")
-        umask = os.umask(0)
-        os.umask(umask)
-        staging.chmod(0o777 & ~umask)
-        if out.exists():
-            out.rmdir()
-        os.replace(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    log(f"{config.steps} steps in {seconds:.1f} s; subject checkpoint -> {out}")
+    log(f"{config.steps} steps in {seconds['training']:.1f} s; subject checkpoint -> {out}")
     return out
