@@ -12,7 +12,6 @@ crash, skips it. ``pairs.parquet`` and ``rejects.parquet`` are rebuilt from the 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import pickle
 import time
@@ -41,6 +40,7 @@ from blipdiff.datasets.matting import (
 from blipdiff.datasets.openimages import read_subjects
 from blipdiff.infra.atomic import atomic_path, remove_stale_temporaries, write_json_atomic
 from blipdiff.infra.journal import JOURNAL_NAME, Journal
+from blipdiff.infra.ray_cluster import connect_ray
 from blipdiff.models import DEFAULT_BLIP2, DEFAULT_CLIPSEG
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -339,9 +339,7 @@ def run_pipeline(config: BuildConfig, rows: list[dict], backgrounds: list[Path],
     """Decode → caption → segment → finish, on Ray; ``on_done`` gets each finished row as it arrives."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False,
-                 logging_level=logging.WARNING)
+    connect_ray()
 
     def decode(row: dict) -> dict:
         return {"payload": _pack(decode_subject(pickle.loads(row["payload"]), config))}

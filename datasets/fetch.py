@@ -283,8 +283,9 @@ def run_jobs_on_ray(config: FetchConfig, jobs: list[Job], on_done: Callable[[Ima
     """Fan shards of jobs out as Ray tasks (every node must see ``config.out``)."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False)
+    from blipdiff.infra.ray_cluster import connect_ray
+
+    connect_ray()
     # Downloads wait on the network, not the CPU: a fraction of a CPU each keeps Ray from starving.
     remote = ray.remote(num_cpus=0.25, max_retries=2)(_fetch_shard)
     config_json = config.model_dump_json()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,13 +41,17 @@ def _is_hub_id(text: str) -> bool:
     return len(parts) == 2 and all(parts) and not text.startswith((".", "~")) and "\\" not in text
 
 
-def resolve(model: str | os.PathLike) -> Path:
+def resolve(model: str | os.PathLike, components: Sequence[str] = REQUIRED,
+            kind: str = "BLIP-Diffusion checkpoint") -> Path:
     """A local checkpoint folder, or a hub id fetched into (or found offline in) the Hugging Face cache,
-    downloading only ``model_index.json`` and the components it lists."""
+    downloading only ``model_index.json`` and the ``components`` it lists (with the optional ones the
+    pipeline knows, for a whole BLIP-Diffusion checkpoint). ``kind`` names what is wanted in errors
+    (a Stable Diffusion checkpoint's U-Net, text encoder and VAE, say)."""
     path = Path(model).expanduser()
     if path.exists():
         if not (path / "model_index.json").is_file():
-            raise CheckpointError(f"{path} is not a BLIP-Diffusion checkpoint: it has no model_index.json")
+            raise CheckpointError(f"{path} is not a {kind}: it has no model_index.json")
+        read_index(path, components)
         return path
     text = str(model)
     if not _is_hub_id(text):
@@ -57,26 +61,28 @@ def resolve(model: str | os.PathLike) -> Path:
                                         RepositoryNotFoundError)
 
     try:
-        index = read_index(Path(hf_hub_download(text, "model_index.json")).parent)
-        listed = [name for name in (*REQUIRED, *OPTIONAL) if name in index]
+        index = read_index(Path(hf_hub_download(text, "model_index.json")).parent, components, check_folders=False)
+        wanted = (*components, *OPTIONAL) if tuple(components) == REQUIRED else tuple(components)
+        listed = [name for name in wanted if name in index]
         return Path(snapshot_download(text, allow_patterns=["model_index.json", *(f"{name}/*" for name in listed)]))
     except (LocalEntryNotFoundError, OfflineModeIsEnabled) as error:
         raise CheckpointError(
             f"{text}: not a local folder, and the hub id is not in the Hugging Face cache while offline "
             "(HF_HUB_OFFLINE=1): download it once online, or pass a local checkpoint folder") from error
     except (RepositoryNotFoundError, EntryNotFoundError) as error:
-        raise CheckpointError(f"{text}: no such folder, and no BLIP-Diffusion checkpoint on the hub under that id") from error
+        raise CheckpointError(f"{text}: no such folder, and no {kind} on the hub under that id") from error
 
 
-def read_index(root: Path) -> dict[str, Any]:
+def read_index(root: Path, components: Sequence[str] = REQUIRED, check_folders: bool = True) -> dict[str, Any]:
+    """``model_index.json``, which must list ``components`` (each with its folder, when ``check_folders``)."""
     try:
         index = json.loads((root / "model_index.json").read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise CheckpointError(f"{root / 'model_index.json'}: unreadable ({error})") from error
-    missing = [name for name in REQUIRED if name not in index]
+    missing = [name for name in components if name not in index]
     if missing:
         raise CheckpointError(f"{root / 'model_index.json'} does not list the components {', '.join(missing)}")
-    absent = [name for name in REQUIRED if name in index and not (root / name).is_dir()]
+    absent = [name for name in components if check_folders and not (root / name).is_dir()]
     if absent:
         raise CheckpointError(f"{root} lacks the component folders {', '.join(absent)} that model_index.json lists")
     return index

@@ -38,6 +38,21 @@ def open_rgb(image: ImageInput) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
+def resize_center_crop(image: Image.Image, side: int) -> Image.Image:
+    """Resize the shorter side to ``side`` (bicubic), then crop the centre square: the training targets'
+    transform (and LAVIS's evaluation transform for subject photos)."""
+    scale = side / min(image.size)
+    resized = image.resize((max(side, round(image.width * scale)), max(side, round(image.height * scale))),
+                           Image.Resampling.BICUBIC)
+    left, top = (resized.width - side) // 2, (resized.height - side) // 2
+    return resized.crop((left, top, left + side, top + side))
+
+
+def to_signed_tensor(image: Image.Image) -> torch.Tensor:
+    """An RGB image as a [3, H, W] float32 tensor in [-1, 1], the VAE's input."""
+    return torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
+
+
 @dataclass
 class SubjectImageProcessor:
     height: int = 224

@@ -132,9 +132,10 @@ class BlipDiffusionPipeline:
                                                           (target / "model_index.json").is_file())):
             raise FileExistsError(f"{target} exists and is not a checkpoint; refusing to replace it")
         with atomic_folder(target) as staging:
-            self._write_layout(staging)
+            self.write_layout(staging)
 
-    def _write_layout(self, root: Path) -> None:
+    def write_layout(self, root: Path) -> None:
+        """The official layout into the existing folder ``root`` (``save_pretrained`` makes it atomic)."""
         import diffusers
 
         for name in ("qformer", "text_encoder"):

@@ -78,7 +78,7 @@ class QueryAndTextEmbeddings(nn.Module):
 class Projection(nn.Module):
     """Pre-LayerNorm residual MLP: ``x + dropout(dense2(QuickGELU(dense1(LayerNorm(x)))))``, no norm after."""
 
-    def __init__(self, dim: int, hidden: int, eps: float, dropout: float = 0.1):
+    def __init__(self, dim: int, hidden: int, eps: float, dropout: float):
         super().__init__()
         self.dense1 = nn.Linear(dim, hidden)
         self.act_fn = QuickGELUActivation()
@@ -110,7 +110,9 @@ class SubjectEncoder(nn.Module):
         self.embeddings = QueryAndTextEmbeddings(qformer)
         self.visual_encoder = VisionTower(config.vision_config)
         self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, qformer.hidden_size))
-        self.proj_layer = Projection(qformer.hidden_size, qformer.hidden_size * 4, eps=qformer.layer_norm_eps)
+        # LAVIS's projection drops out 0.1, the Q-Former's (BERT's) hidden dropout: it follows the config.
+        self.proj_layer = Projection(qformer.hidden_size, qformer.hidden_size * 4, eps=qformer.layer_norm_eps,
+                                     dropout=qformer.hidden_dropout_prob)
         self.encoder = Blip2QFormerEncoder(qformer)
 
     @property

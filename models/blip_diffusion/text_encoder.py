@@ -23,9 +23,22 @@ def causal_mask(length: int, dtype: torch.dtype, device: torch.device) -> torch.
         blocked, torch.finfo(dtype).min)[None, None]
 
 
-def splice(token_embeds: torch.Tensor, subject_embeds: torch.Tensor, begin: int) -> torch.Tensor:
-    """Insert ``subject_embeds`` [B, Q, D] after the first ``begin`` tokens of ``token_embeds`` [B, T, D]."""
-    return torch.cat([token_embeds[:, :begin], subject_embeds.to(token_embeds.dtype), token_embeds[:, begin:]], dim=1)
+def splice(token_embeds: torch.Tensor, subject_embeds: torch.Tensor, begin: int | torch.Tensor) -> torch.Tensor:
+    """Insert ``subject_embeds`` [B, Q, D] after the first ``begin`` tokens of ``token_embeds`` [B, T, D];
+    ``begin`` is one position for every row, or a [B] tensor of one per row (pre-training inserts the
+    subject just before each caption's end token)."""
+    subject_embeds = subject_embeds.to(token_embeds.dtype)
+    if isinstance(begin, int):
+        return torch.cat([token_embeds[:, :begin], subject_embeds, token_embeds[:, begin:]], dim=1)
+    tokens, queries = token_embeds.shape[1], subject_embeds.shape[1]
+    # Output position j of row b reads token j before begin[b], subject j - begin[b] inside the
+    # inserted span, token j - Q after it; tokens and subject are gathered from one concatenation.
+    position = torch.arange(tokens + queries, device=token_embeds.device)[None]
+    start = begin.to(token_embeds.device)[:, None]
+    inside = (position >= start) & (position < start + queries)
+    source = torch.where(position < start, position, torch.where(inside, tokens + position - start, position - queries))
+    both = torch.cat([token_embeds, subject_embeds], dim=1)
+    return both.gather(1, source[..., None].expand(-1, -1, both.shape[2]))
 
 
 class ContextTextTransformer(nn.Module):
@@ -37,7 +50,7 @@ class ContextTextTransformer(nn.Module):
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, subject_embeds: torch.Tensor | None = None,
-                ctx_begin_pos: int = 2) -> torch.Tensor:
+                ctx_begin_pos: int | torch.Tensor = 2) -> torch.Tensor:
         tokens = self.embeddings.token_embedding(input_ids)
         if subject_embeds is not None:
             tokens = splice(tokens, subject_embeds, ctx_begin_pos)
@@ -58,5 +71,6 @@ class ContextCLIPTextModel(nn.Module):
         self.text_model = ContextTextTransformer(config)
 
     def forward(self, input_ids: torch.Tensor, subject_embeds: torch.Tensor | None = None,
-                ctx_begin_pos: int = 2) -> torch.Tensor:
+                ctx_begin_pos: int | torch.Tensor = 2) -> torch.Tensor:
+        """``ctx_begin_pos``: where the subject goes, one position for all rows or a [B] tensor."""
         return self.text_model(input_ids, subject_embeds, ctx_begin_pos)

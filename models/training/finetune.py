@@ -27,6 +27,7 @@ from blipdiff.infra.atomic import atomic_folder
 from blipdiff.models.blip_diffusion.subject_checkpoint import (EMBEDDING_FILE, LORA_FOLDER, LORA_TARGETS, LORA_WEIGHTS,
                                                                SUBJECT_FILE, UNET_FOLDER)
 from blipdiff.models.inputs import model_location, multiple_of_eight, named_subject, readable_image
+from blipdiff.models.training.optimizer import adamw
 
 
 class FinetuneConfig(BaseModel):
@@ -96,17 +97,6 @@ class FinetuneConfig(BaseModel):
         return settings
 
 
-def _square(image, side: int):
-    """Resize the shorter side to ``side`` (bicubic), then crop the centre: LAVIS's transforms."""
-    from PIL import Image
-
-    scale = side / min(image.size)
-    resized = image.resize((max(side, round(image.width * scale)), max(side, round(image.height * scale))),
-                           Image.Resampling.BICUBIC)
-    left, top = (resized.width - side) // 2, (resized.height - side) // 2
-    return resized.crop((left, top, left + side, top + side))
-
-
 def finetune(config: FinetuneConfig, log: Callable[[str], None] = print) -> Path:
     """Train the subject checkpoint and write it to ``config.out``; a finished one is not redone."""
     out = config.out
@@ -119,13 +109,13 @@ def finetune(config: FinetuneConfig, log: Callable[[str], None] = print) -> Path
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out} exists and is not a subject checkpoint; choose another --out")
 
-    import numpy as np
     import torch
     from diffusers import DDPMScheduler
     from PIL import Image
     from safetensors.torch import save_file
 
     from blipdiff.models.blip_diffusion import BlipDiffusionPipeline
+    from blipdiff.models.blip_diffusion.image_processor import resize_center_crop, to_signed_tensor
 
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     seconds: dict[str, float] = {}
@@ -144,11 +134,11 @@ def finetune(config: FinetuneConfig, log: Callable[[str], None] = print) -> Path
     photos = [Image.open(path).convert("RGB") for path in config.photos()]
     lap("load")
     with torch.no_grad():
-        crops = [_square(photo, pipe.image_processor.height) for photo in photos]
+        crops = [resize_center_crop(photo, pipe.image_processor.height) for photo in photos]
         embedding = pipe.subject_embedding(crops, config.subject)
         lap("subject embedding")
-        targets = torch.stack([torch.from_numpy(np.asarray(_square(photo, config.resolution), dtype=np.float32))
-                               .permute(2, 0, 1) / 127.5 - 1 for photo in photos]).to(device)
+        targets = torch.stack([to_signed_tensor(resize_center_crop(photo, config.resolution))
+                               for photo in photos]).to(device)
         posterior = pipe.vae.encode(targets).latent_dist
         latent_mean, latent_std = posterior.mean, posterior.std
         lap("latent encoding")
@@ -163,12 +153,8 @@ def finetune(config: FinetuneConfig, log: Callable[[str], None] = print) -> Path
         unet.requires_grad_(False)
         unet.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=config.lora_rank, init_lora_weights="gaussian",
                                     target_modules=LORA_TARGETS))
-    trained = [parameter for parameter in unet.parameters() if parameter.requires_grad]
-    # Decay on weight matrices only, as LAVIS: not on biases, norms or the subject embedding.
-    optimizer = torch.optim.AdamW([
-        {"params": [p for p in trained if p.ndim >= 2], "weight_decay": config.weight_decay},
-        {"params": [p for p in trained if p.ndim < 2] + [subject_embeds], "weight_decay": 0.0}],
-        lr=config.lr, betas=(0.9, 0.999), eps=1e-8, fused=device.type == "cuda")
+    optimizer = adamw(unet.parameters(), lr=config.lr, weight_decay=config.weight_decay, undecayed=[subject_embeds],
+                      fused=device.type == "cuda")
     noise_schedule = DDPMScheduler.from_config(pipe.scheduler.config)
     prompt_ids = pipe.tokenizer([f"a {config.subject}"], padding="max_length", truncation=True,
                                 max_length=pipe.text_encoder.config.max_position_embeddings - pipe.qformer.num_query_tokens,

@@ -1,0 +1,175 @@
+"""``blipdiff pretrain`` on Ray Train: the target latents cached, the records written, then a
+``TorchTrainer`` runs ``pretrain.train_worker`` on every worker (DDP over NCCL on GPUs, gloo on CPUs),
+each fed by its own Ray Data stream of samples.
+
+Ray Train's own checkpoints are not used: every checkpoint is already a model folder in the official
+layout on a path every node sees, and a worker group that Ray restarts after a failure
+(``FailureConfig``) resumes from the newest of them, as a rerun of the command does. Each worker builds
+its stream from the positions it reads (see ``datasets.training_pairs``) rather than taking a split of one
+shared dataset, since a streaming split hands blocks to whichever worker asks first: the sample order,
+and so resuming exactly, would depend on timing.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from blipdiff.infra.atomic import atomic_path
+from blipdiff.models.training.pretrain import (PROGRESS_FILE, RECORDS, PretrainConfig, checkpoint_step, checkpoints,
+                                               guard_run_folder)
+
+
+@dataclass
+class PretrainSummary:
+    run: Path
+    step: int
+    checkpoint: Path | None
+    pairs: int
+    held_out: int
+    skipped: Counter
+    final_loss: float | None
+
+
+def prepare_records(config: PretrainConfig, log: Callable[[str], None]) -> tuple[int, int, Counter]:
+    """Encode the targets' latents where missing (with the VAE that will be trained against), then
+    write the training and held-out records into ``RUN/records/``."""
+    import pyarrow.parquet as pq
+
+    from blipdiff.datasets.latents import EncodeLatentsConfig, encode_latents
+    from blipdiff.datasets.training_pairs import collect_records, split_validation
+
+    folders = []
+    for pairs in config.pairs:
+        summary = encode_latents(EncodeLatentsConfig(pairs=pairs, model=config.latent_model(),
+                                                     resolution=config.resolution, actors=config.latent_actors),
+                                 log=log)
+        folders.append((pairs, summary.folder))
+    records, skipped = collect_records(folders)
+    training, held = split_validation(records, config.validation_pairs, config.seed)
+    if training.num_rows == 0:
+        raise ValueError(f"no usable pairs in {', '.join(map(str, config.pairs))}"
+                         + "".join(f"; {count} skipped: {reason}" for reason, count in skipped.items()))
+    for name, table in (("train.parquet", training), ("validation.parquet", held)):
+        with atomic_path(config.out / RECORDS / name) as temp:
+            pq.write_table(table, temp)
+    log(f"{training.num_rows} pairs to train on, {held.num_rows} held out for validation"
+        + "".join(f", {count} skipped ({reason})" for reason, count in skipped.items()))
+    return training.num_rows, held.num_rows, skipped
+
+
+def _sample_stream(config: PretrainConfig, rank: int, first_step: int, recipe):
+    """This worker's micro-batches from ``first_step`` on, made by Ray Data tasks in order."""
+    import ray.data
+
+    from blipdiff.datasets.training_pairs import WorkerSchedule, make_samples
+
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True
+    context.enable_progress_bars = False
+    schedule = WorkerSchedule(rank=rank, workers=config.workers, batch_size=config.batch_size,
+                              accumulation=config.grad_accum)
+    rows = (config.steps - first_step) * config.batch_size * config.grad_accum
+    samples = ray.data.range(rows).map_batches(
+        make_samples, batch_size=config.batch_size, batch_format="numpy",
+        fn_kwargs={"records_path": str((config.out / RECORDS / "train.parquet").resolve()), "schedule": schedule,
+                   "first_step": first_step, "recipe": recipe})
+    yield from samples.iter_batches(batch_size=config.batch_size, batch_format="numpy", prefetch_batches=4)
+
+
+def _train_loop(loop_config: dict) -> None:
+    """What each Ray Train worker runs."""
+    import ray.train
+    import ray.train.torch
+
+    from blipdiff.models.training.pretrain import Worker, train_worker
+
+    config = PretrainConfig.model_validate(loop_config)
+    context = ray.train.get_context()
+    worker = Worker(rank=context.get_world_rank(), world=context.get_world_size(),
+                    device=ray.train.torch.get_device())
+    train_worker(config, worker, lambda first_step, recipe: _sample_stream(config, worker.rank, first_step, recipe))
+
+
+class _ProgressWatcher:
+    """Follows ``RUN/progress.json`` (rank 0 rewrites it every few steps) while the trainer runs, for
+    the progress bar and the Prefect flow's progress."""
+
+    def __init__(self, run: Path, on_progress: Callable[[dict], None]):
+        self.path, self.on_progress = run / PROGRESS_FILE, on_progress
+        self.stop = threading.Event()
+        self.seen: float | None = None
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self) -> None:
+        while not self.stop.wait(1.0):
+            self.poll()
+
+    def poll(self) -> None:
+        try:
+            mtime = self.path.stat().st_mtime
+            if mtime != self.seen:
+                self.seen = mtime
+                self.on_progress(json.loads(self.path.read_text()))
+        except (OSError, ValueError):
+            pass  # not written yet, or being replaced
+
+    def __enter__(self) -> _ProgressWatcher:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.poll()
+
+
+def run_pretrain(config: PretrainConfig, log: Callable[[str], None] = print,
+                 on_progress: Callable[[dict], None] | None = None) -> PretrainSummary:
+    """Pre-train into ``config.out``, resuming from its newest checkpoint; a finished run is not redone."""
+    from blipdiff.models.blip_diffusion import checkpoint
+
+    config.out.mkdir(parents=True, exist_ok=True)
+    guard_run_folder(config)
+    done = checkpoints(config.out)
+    if done and checkpoint_step(done[-1]) >= config.steps:
+        log(f"{config.out} already reached step {checkpoint_step(done[-1])}: {done[-1]}")
+        return _summary(config, 0, 0, Counter())
+    # Unusable starting points are found here, not on every worker after Ray has started them.
+    checkpoint.resolve(config.init)
+    pairs, held, skipped = prepare_records(config, log)
+    if done:
+        log(f"resuming from {done[-1]}")
+
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from blipdiff.infra.ray_cluster import cluster_has_gpus, connect_ray
+
+    connect_ray()
+    gpus = config.gpus_per_worker if config.gpus_per_worker is not None else float(cluster_has_gpus())
+    trainer = TorchTrainer(
+        _train_loop, train_loop_config=config.model_dump(mode="json"),
+        scaling_config=ray.train.ScalingConfig(num_workers=config.workers, use_gpu=gpus > 0,
+                                               resources_per_worker={"CPU": 1, **({"GPU": gpus} if gpus else {})}),
+        run_config=ray.train.RunConfig(storage_path=str((config.out / "ray").resolve()), name="pretrain",
+                                       failure_config=ray.train.FailureConfig(max_failures=config.max_failures)))
+    with _ProgressWatcher(config.out, on_progress or (lambda progress: None)):
+        trainer.fit()
+    return _summary(config, pairs, held, skipped)
+
+
+def _summary(config: PretrainConfig, pairs: int, held: int, skipped: Counter) -> PretrainSummary:
+    import pyarrow.parquet as pq
+
+    saved = checkpoints(config.out)
+    metrics = config.out / "metrics.parquet"
+    losses = pq.read_table(metrics, columns=["loss"]).column("loss").to_pylist() if metrics.is_file() else []
+    return PretrainSummary(run=config.out, step=checkpoint_step(saved[-1]) if saved else 0,
+                           checkpoint=saved[-1] if saved else None, pairs=pairs, held_out=held, skipped=skipped,
+                           final_loss=losses[-1] if losses else None)
+
