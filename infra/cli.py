@@ -293,6 +293,84 @@ def finetune_command(
     typer.echo(f"use it: blipdiff generate --model {model} --subject-checkpoint {out} --subject {subject} --prompt ...")
 
 
+@app.command("encode-latents")
+def encode_latents_command(
+    pairs: Annotated[Path, typer.Option(help="Build folder (blipdiff build --out) with pairs.parquet.")],
+    model: Annotated[str, typer.Option(help="Hub id or local checkpoint folder whose vae/ encodes the targets.")],
+    resolution: Annotated[int, typer.Option(help="Side of the square targets.")] = 512,
+    batch_size: Annotated[int, typer.Option(help="Targets per VAE call.")] = 8,
+    actors: Annotated[int, typer.Option(help="VAE actors (one per GPU, say).")] = 1,
+    gpus_per_actor: Annotated[float | None, typer.Option(help="GPUs per actor (default: 1 when Ray sees GPUs).")] = None,
+) -> None:
+    """Encode every pair's target photo once with the VAE: the cache pre-training reads (a rerun skips what is done)."""
+    from blipdiff.datasets.latents import EncodeLatentsConfig, encode_latents
+    from pydantic import ValidationError
+
+    try:
+        config = EncodeLatentsConfig(pairs=pairs, model=model, resolution=resolution, batch_size=batch_size,
+                                     actors=actors, gpus_per_actor=gpus_per_actor)
+    except ValidationError as error:
+        raise _fail("; ".join(_validation_messages(error))) from error
+    from blipdiff.infra.report import run_with_progress
+
+    try:
+        summary = run_with_progress("encoding", lambda progress: encode_latents(config, progress=progress, log=typer.echo))
+    except (ValueError, OSError) as error:  # CheckpointError is a ValueError
+        raise _fail(str(error)) from error
+    typer.echo(f"{summary.available} latents -> {summary.folder}")
+
+
+@app.command("pretrain")
+def pretrain_command(
+    pairs: Annotated[list[Path], typer.Option(help="Build folder (blipdiff build --out); repeatable.")],
+    init: Annotated[str, typer.Option(help="Checkpoint in the official layout to start from (hub id or folder).")],
+    out: Annotated[Path, typer.Option(help="Run folder; rerunning the command resumes it.")],
+    reset_from_sd: Annotated[str | None, typer.Option(
+        help="Stable Diffusion 1.5 checkpoint whose U-Net, text encoder and VAE replace init's (the paper's start).")] = None,
+    steps: Annotated[int, typer.Option(help="Optimiser steps (the paper: 500K).")] = 500_000,
+    batch_size: Annotated[int, typer.Option(help="Samples per worker and micro-batch.")] = 16,
+    grad_accum: Annotated[int, typer.Option(help="Micro-batches per step.")] = 1,
+    workers: Annotated[int, typer.Option(help="Ray Train workers (DDP); global batch = workers x batch x accumulation.")] = 1,
+    gpus_per_worker: Annotated[float | None, typer.Option(help="GPUs per worker (default: 1 when Ray sees GPUs).")] = None,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate, constant (the authors').")] = 2e-6,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay, on weight matrices.")] = 0.01,
+    max_grad_norm: Annotated[float, typer.Option(help="Gradient-norm clip.")] = 20.0,
+    resolution: Annotated[int, typer.Option(help="Side of the square targets.")] = 512,
+    precision: Annotated[str, typer.Option(help="bf16 (autocast over fp32 weights) or fp32.")] = "bf16",
+    gradient_checkpointing: Annotated[bool, typer.Option(help="Recompute activations in the backward pass.")] = True,
+    subject_dropout: Annotated[float, typer.Option(help="Probability, per sample, that the text alone guides.")] = 0.15,
+    checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 10_000,
+    keep_checkpoints: Annotated[int, typer.Option(help="Newest checkpoints kept (0: all).")] = 3,
+    validate_every: Annotated[int, typer.Option(help="Steps between validation grids (0: none).")] = 5_000,
+    validation_pairs: Annotated[int, typer.Option(help="Pairs held out for the validation grids.")] = 4,
+    seed: Annotated[int, typer.Option(help="Seed of the data order, augmentations, noise and dropout.")] = 0,
+) -> None:
+    """Stage-2 pre-training of BLIP-Diffusion on built pairs, on Ray Train; rerun to resume."""
+    from blipdiff.models.training.pretrain import PretrainConfig
+    from pydantic import ValidationError
+
+    try:
+        config = PretrainConfig(
+            pairs=pairs, init=init, out=out, reset_from_sd=reset_from_sd, steps=steps, batch_size=batch_size,
+            grad_accum=grad_accum, workers=workers, gpus_per_worker=gpus_per_worker, lr=lr, weight_decay=weight_decay,
+            max_grad_norm=max_grad_norm, resolution=resolution, precision=precision,
+            gradient_checkpointing=gradient_checkpointing, subject_dropout=subject_dropout,
+            checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints, validate_every=validate_every,
+            validation_pairs=validation_pairs, seed=seed)
+    except ValidationError as error:
+        raise _fail("; ".join(_validation_messages(error))) from error
+    from blipdiff.infra.report import training_progress
+    from blipdiff.models.training.distributed import run_pretrain
+
+    try:
+        with training_progress(config.steps) as on_progress:
+            summary = run_pretrain(config, log=typer.echo, on_progress=on_progress)
+    except (ValueError, OSError) as error:  # CheckpointError is a ValueError
+        raise _fail(str(error)) from error
+    typer.echo(f"step {summary.step} of {steps}: checkpoint -> {summary.checkpoint}")
+    typer.echo(f"metrics -> {out / 'metrics.parquet'}; TensorBoard: tensorboard --logdir {out / 'logs'}")
+
+
 @app.command("serve")
 def serve_command(
     data: Annotated[Path, typer.Option(help="Data folder; Prefect's state lives in DATA/prefect without PREFECT_API_URL.")]

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, TypeVar
 
 from rich.console import Console
@@ -53,6 +54,23 @@ def run_with_progress(label: str, work: Callable[[Callable[[int, int], None]], R
     with Progress(*columns) as bar:
         task = bar.add_task(label, total=None)
         return work(lambda done, total: bar.update(task, completed=done, total=total))
+
+
+@contextlib.contextmanager
+def training_progress(steps: int) -> Iterator[Callable[[dict], None]]:
+    """A bar of training steps with the latest loss, samples/s and the ETA the trainer estimates; the
+    callback takes the trainer's progress records (``step``, ``loss``, ``samples_per_s``, ``eta_seconds``)."""
+    columns = (TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"))
+    with Progress(*columns) as bar:
+        task = bar.add_task("training", total=steps, status="starting")
+
+        def update(progress: dict) -> None:
+            eta = progress.get("eta_seconds")
+            eta_text = "" if eta is None else f", ETA {int(eta) // 3600}:{int(eta) % 3600 // 60:02d}:{int(eta) % 60:02d}"
+            bar.update(task, completed=progress["step"], status=f"loss {progress['loss']:.4f}, "
+                       f"{progress['samples_per_s']:.1f} samples/s{eta_text}")
+
+        yield update
 
 
 def print_fetch_summary(summary: FetchSummary, console: Console | None = None) -> None:

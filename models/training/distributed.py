@@ -145,6 +145,7 @@ def run_pretrain(config: PretrainConfig, log: Callable[[str], None] = print,
     if done:
         log(f"resuming from {done[-1]}")
 
+    import ray
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -152,6 +153,10 @@ def run_pretrain(config: PretrainConfig, log: Callable[[str], None] = print,
 
     connect_ray()
     gpus = config.gpus_per_worker if config.gpus_per_worker is not None else float(cluster_has_gpus())
+    cpus = ray.cluster_resources().get("CPU", 0)
+    if cpus < config.workers + 1:
+        raise ValueError(f"{config.workers} workers need {config.workers + 1} CPUs of the Ray cluster (one each, and "
+                         f"one at least for the tasks that make the samples); it has {cpus:g}")
     trainer = TorchTrainer(
         _train_loop, train_loop_config=config.model_dump(mode="json"),
         scaling_config=ray.train.ScalingConfig(num_workers=config.workers, use_gpu=gpus > 0,

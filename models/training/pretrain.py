@@ -86,25 +86,31 @@ class PretrainConfig(BaseModel):
     def _multiple_of_eight(cls, value: int) -> int:
         return multiple_of_eight(value)
 
+    # Absolute, since the workers run elsewhere (other folders, other nodes that see the same paths).
     @field_validator("pairs")
     @classmethod
     def _build_folders(cls, folders: list[Path]) -> list[Path]:
         for folder in folders:
             if not (folder / "pairs.parquet").is_file():
                 raise ValueError(f"{folder} has no pairs.parquet: give build folders (blipdiff build --out)")
-        return folders
+        return [folder.resolve() for folder in folders]
+
+    @field_validator("out")
+    @classmethod
+    def _absolute_out(cls, folder: Path) -> Path:
+        return folder.expanduser().resolve()
+
+    @field_validator("init", "reset_from_sd")
+    @classmethod
+    def _absolute_model(cls, model: str | None) -> str | None:
+        return None if model is None else model_location(model)
 
     @property
     def global_batch(self) -> int:
         return self.workers * self.batch_size * self.grad_accum
 
     def settings(self) -> dict:
-        settings = self.model_dump(mode="json", exclude=NOT_TRAJECTORY)
-        settings["pairs"] = [str(folder.resolve()) for folder in self.pairs]
-        settings["init"] = model_location(self.init)
-        if self.reset_from_sd is not None:
-            settings["reset_from_sd"] = model_location(self.reset_from_sd)
-        return settings
+        return self.model_dump(mode="json", exclude=NOT_TRAJECTORY)
 
     def latent_model(self) -> str:
         """The checkpoint whose VAE encodes the targets."""
