@@ -343,6 +343,8 @@ def pretrain_command(
     keep_checkpoints: Annotated[int, typer.Option(help="Newest checkpoints kept (0: all).")] = 3,
     validate_every: Annotated[int, typer.Option(help="Steps between validation grids (0: none).")] = 5_000,
     validation_pairs: Annotated[int, typer.Option(help="Pairs held out for the validation grids.")] = 4,
+    validation_steps: Annotated[int, typer.Option(help="Denoising steps of the validation images.")] = 25,
+    log_every: Annotated[int, typer.Option(help="Steps between metrics, TensorBoard and progress updates.")] = 10,
     seed: Annotated[int, typer.Option(help="Seed of the data order, augmentations, noise and dropout.")] = 0,
 ) -> None:
     """Stage-2 pre-training of BLIP-Diffusion on built pairs, on Ray Train; rerun to resume."""
@@ -356,7 +358,7 @@ def pretrain_command(
             max_grad_norm=max_grad_norm, resolution=resolution, precision=precision,
             gradient_checkpointing=gradient_checkpointing, subject_dropout=subject_dropout,
             checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints, validate_every=validate_every,
-            validation_pairs=validation_pairs, seed=seed)
+            validation_pairs=validation_pairs, validation_steps=validation_steps, log_every=log_every, seed=seed)
     except ValidationError as error:
         raise _fail("; ".join(_validation_messages(error))) from error
     from blipdiff.infra.report import training_progress
@@ -381,13 +383,14 @@ def serve_command(
     cron: Annotated[str | None, typer.Option(help="Schedule of the build_pairs deployment (cron).")] = None,
     name: Annotated[str, typer.Option(help="Deployment name.")] = "blipdiff",
 ) -> None:
-    """Serve the deployments of the flows (build_pairs) so that the Prefect UI and schedules can run them."""
+    """Serve the deployments of the flows (build_pairs, pretrain) so that the Prefect UI and schedules can run them."""
     from blipdiff.infra.prefect_home import use_project_prefect_home
     from pydantic import ValidationError
 
     use_project_prefect_home(data)
 
     from blipdiff.flows.build_pairs import BuildPairsParameters, build_pairs_flow
+    from blipdiff.flows.pretrain import pretrain_flow
     from prefect import serve
 
     defaults = None
@@ -396,7 +399,9 @@ def serve_command(
             defaults = {"parameters": BuildPairsParameters.model_validate_json(parameters.read_text()).model_dump(mode="json")}
         except (OSError, ValidationError) as error:
             raise _fail(f"cannot use {parameters}: {error}") from error
-    serve(build_pairs_flow.to_deployment(name=name, parameters=defaults, cron=cron))
+    # Pre-training has no defaults to give: its form asks for the pairs, the starting checkpoint and the run folder.
+    serve(build_pairs_flow.to_deployment(name=name, parameters=defaults, cron=cron),
+          pretrain_flow.to_deployment(name=name))
 
 
 @app.command("server")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from rich.console import Console
@@ -71,6 +72,34 @@ def training_progress(steps: int) -> Iterator[Callable[[dict], None]]:
                        f"{progress['samples_per_s']:.1f} samples/s{eta_text}")
 
         yield update
+
+
+def plot_loss_curve(metrics: Path, target: Path) -> Path | None:
+    """The training loss per step, and its running mean over 1% of the steps, as a PNG; None before the
+    first logged step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    from blipdiff.infra.atomic import atomic_path
+
+    if not metrics.is_file():
+        return None
+    frame = pd.read_parquet(metrics, columns=["step", "loss"])
+    figure, axes = plt.subplots(figsize=(8, 4), dpi=100)
+    axes.plot(frame["step"], frame["loss"], linewidth=0.6, alpha=0.4, label="loss")
+    window = max(1, len(frame) // 100)
+    axes.plot(frame["step"], frame["loss"].rolling(window, min_periods=1).mean(), label=f"mean of {window} steps")
+    axes.set_xlabel("step")
+    axes.set_ylabel("noise-prediction MSE")
+    axes.legend()
+    figure.tight_layout()
+    with atomic_path(target) as temp:
+        figure.savefig(temp, format="png")
+    plt.close(figure)
+    return target
 
 
 def print_fetch_summary(summary: FetchSummary, console: Console | None = None) -> None:

@@ -4,6 +4,7 @@ output folder, so a retried or repeated task never duplicates work or mixes outp
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,8 +13,9 @@ from blipdiff.datasets.build import BuildConfig, BuildSummary, build_pairs
 from blipdiff.datasets.catalog import CatalogConfig, CatalogSummary, catalog_pairs
 from blipdiff.datasets.fetch import FetchConfig, FetchSummary, fetch_images
 from blipdiff.datasets.openimages import FilterConfig, Funnel, run_filter
+from blipdiff.models.training.pretrain import PretrainConfig
 from prefect import task
-from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
+from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE, CachePolicy
 from prefect.utilities.hashing import hash_objects
 
 
@@ -78,3 +80,12 @@ def build_task(config: BuildConfig) -> BuildSummary:
 @task(name="catalog", **RETRIES)
 def catalog_task(config: CatalogConfig) -> CatalogSummary:
     return catalog_pairs(config)
+
+
+# Not cached: the run folder's checkpoints are its state, and training resumes from the newest one, so a
+# retry after a lost worker or node goes on from there.
+@task(name="pretrain", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=30)
+def pretrain_task(config: PretrainConfig, on_progress: Callable[[dict], None] | None = None):
+    from blipdiff.models.training.distributed import run_pretrain
+
+    return run_pretrain(config, on_progress=on_progress)

@@ -25,7 +25,8 @@ def test_help_lists_the_commands_without_importing_heavy_libraries():
     done = blipdiff("--help")
     assert done.returncode == 0
     listed = set(re.findall(r"^│ (\w+) {2,}", done.stdout, re.MULTILINE))
-    assert listed == {"filter", "fetch", "build", "matte", "catalog", "app", "generate", "finetune", "serve", "server", "demo"}
+    assert listed == {"filter", "fetch", "build", "matte", "catalog", "app", "generate", "finetune", "encode-latents",
+                      "pretrain", "serve", "server", "demo"}
     probe = (
         "import sys, blipdiff.infra.cli; "
         "heavy = {'pandas', 'pyarrow', 'torch', 'transformers', 'diffusers', 'ray', 'prefect', 'fiftyone'}; "

@@ -164,12 +164,13 @@ def _tiny_blip_diffusion_modules(qformer_config, text_config) -> dict[str, torch
 
 
 def save_tiny_blip_diffusion(folder: Path, weights: str = "safetensors", tokenizer_entry: Path | None = None,
-                             tokenizer_copy: bool = True, seed: int = 0) -> Path:
+                             tokenizer_copy: bool = True, seed: int = 0, qformer_dropout: float = 0.1) -> Path:
     """A random BLIP-Diffusion in the released checkpoint's layout, written file by file as the hub has
     it (not by blipdiff's save_pretrained): 32x32 reference images, 4 query tokens, hidden sizes 16-32,
     a U-Net and VAE that downscale by 2. ``weights``: "safetensors" or "bin" (pickled, as on the hub).
     The subject tokenizer is named by qformer/config.json's ``tokenizer`` entry and/or copied into
-    qformer/tokenizer/."""
+    qformer/tokenizer/. ``qformer_dropout``: the Q-Former's hidden and attention dropout (BERT's 0.1, as
+    released; with 0, training does not depend on how a batch is split over workers)."""
     import json
 
     import diffusers
@@ -182,7 +183,9 @@ def save_tiny_blip_diffusion(folder: Path, weights: str = "safetensors", tokeniz
                                             layer_norm_eps=1e-5)
     qformer = transformers.Blip2QFormerConfig(vocab_size=len(SUBJECT_VOCAB) + 1, hidden_size=32, num_hidden_layers=2,
                                               num_attention_heads=2, intermediate_size=64, encoder_hidden_size=32,
-                                              cross_attention_frequency=1, max_position_embeddings=64)
+                                              cross_attention_frequency=1, max_position_embeddings=64,
+                                              hidden_dropout_prob=qformer_dropout,
+                                              attention_probs_dropout_prob=qformer_dropout)
     qformer_config = transformers.Blip2Config(vision_config=vision.to_dict(), qformer_config=qformer.to_dict(),
                                               num_query_tokens=NUM_QUERY_TOKENS)
     tokenizer = fixed_clip_tokenizer()

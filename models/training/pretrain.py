@@ -179,54 +179,6 @@ def load_training_pipeline(config: PretrainConfig, resume_from: Path | None):
     return pipe
 
 
-def _objective_class():
-    import torch
-    from torch import nn
-
-    class PretrainObjective(nn.Module):
-        """The trained modules, and the loss of one batch (what DDP wraps)."""
-
-        def __init__(self, pipe):
-            super().__init__()
-            self.qformer, self.text_encoder, self.unet = pipe.qformer, pipe.text_encoder, pipe.unet
-            from diffusers import DDPMScheduler
-
-            self.schedule = DDPMScheduler.from_config(pipe.scheduler.config)
-            self.pad_token_id = pipe.tokenizer.pad_token_id
-            self.qformer.visual_encoder.requires_grad_(False)
-            self.qformer.visual_encoder.post_layernorm.requires_grad_(True)
-            # Only the queries leave the Q-Former: the text feed-forward of its last layer reaches nothing.
-            last = self.qformer.encoder.layer[-1]
-            last.intermediate.requires_grad_(False)
-            last.output.requires_grad_(False)
-
-        def train(self, mode: bool = True):
-            super().train(mode)
-            # The frozen ViT stays in inference mode.
-            self.qformer.visual_encoder.eval()
-            self.qformer.visual_encoder.post_layernorm.train(mode)
-            return self
-
-        def forward(self, pixel_values, subject_ids, subject_mask, text_ids, insert_at, keep_subject, latents,
-                    noise, timesteps):
-            subject = self.qformer(pixel_values, subject_ids, subject_mask)
-            # A dropped subject: pad tokens appended after the text instead, i.e. the text alone padded
-            # to the full length. The Q-Former still runs, so that DDP sees every parameter in every step.
-            pad = self.text_encoder.text_model.embeddings.token_embedding(
-                torch.full(subject.shape[:2], self.pad_token_id, device=subject.device))
-            keep = keep_subject[:, None, None]
-            subject = torch.where(keep, subject, pad.to(subject.dtype))
-            insert_at = torch.where(keep_subject, insert_at, torch.full_like(insert_at, text_ids.shape[1]))
-            context = self.text_encoder(text_ids, subject, insert_at)
-            noisy = self.schedule.add_noise(latents, noise, timesteps)
-            target = noise if self.schedule.config.prediction_type == "epsilon" else \
-                self.schedule.get_velocity(latents, noise, timesteps)
-            prediction = self.unet(noisy, timesteps, encoder_hidden_states=context).sample
-            return torch.nn.functional.mse_loss(prediction.float(), target.float())
-
-    return PretrainObjective
-
-
 def enable_gradient_checkpointing(objective) -> None:
     """The U-Net through diffusers; the Q-Former's and the text encoder's transformers layers directly
     (they are not transformers ``PreTrainedModel``s, whose switch would do this)."""
@@ -296,6 +248,7 @@ def train_worker(config: PretrainConfig, worker: Worker, batches: BatchStream) -
     import torch.distributed as dist
 
     from blipdiff.datasets.training_pairs import SampleRecipe
+    from blipdiff.models.training.objective import PretrainObjective
     from blipdiff.models.training.optimizer import adamw
 
     distributed = dist.is_available() and dist.is_initialized()
@@ -310,7 +263,7 @@ def train_worker(config: PretrainConfig, worker: Worker, batches: BatchStream) -
     pipe = load_training_pipeline(config, resume_from).to(device)
     pipe.set_progress_bar_config(disable=True)
     pipe.vae.requires_grad_(False)
-    objective = _objective_class()(pipe)
+    objective = PretrainObjective(pipe)
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(objective)
     model = objective
