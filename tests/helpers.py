@@ -1,4 +1,4 @@
-"""Test helpers: the real data in ../shared and builders for small Open Images box files."""
+"""Test helpers: the real data in ../shared, builders for small Open Images box files and build folders."""
 
 from __future__ import annotations
 
@@ -46,3 +46,32 @@ def box(image: str, mid: str, x_min=0.1, x_max=0.8, y_min=0.1, y_max=0.7, group=
         "XMin": x_min, "XMax": x_max, "YMin": y_min, "YMax": y_max, "IsOccluded": "0",
         "IsTruncated": "0", "IsGroupOf": group, "IsDepiction": "0", "IsInside": inside,
     }
+
+
+PAIR_LABELS = ["dog", "cat", "red backpack", "teddy bear", "clock", "vase"]
+
+
+def write_pairs(folder: Path, count: int = 6) -> Path:
+    """A build folder as `blipdiff build` leaves it for training: pairs.parquet and its target and input photos."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for index in range(count):
+        image_id = f"{index:016x}"
+        paths = {}
+        for kind, (width, height) in (("target", (48, 40)), ("input", (30, 36))):
+            pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+            pixels[4:20, 4:20] = (40 * index, 200, 30)
+            paths[kind] = f"{kind}/{image_id[:2]}/{image_id}.jpg"
+            (folder / paths[kind]).parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels).save(folder / paths[kind])
+        label = PAIR_LABELS[index % len(PAIR_LABELS)]
+        rows.append({"image_id": image_id, "label_name": label, "caption": f"a photo of a {label}",
+                     "captions": [f"a photo of a {label}", f"a {label} on the grass"],
+                     "target_path": paths["target"], "input_path": paths["input"]})
+    pq.write_table(pa.Table.from_pylist(rows), folder / "pairs.parquet")
+    return folder

@@ -24,7 +24,7 @@ def blipdiff(*args: str, cwd: Path | None = None, env: dict | None = None) -> su
 def test_help_lists_the_commands_without_importing_heavy_libraries():
     done = blipdiff("--help")
     assert done.returncode == 0
-    listed = set(re.findall(r"^│ (\w+) {2,}", done.stdout, re.MULTILINE))
+    listed = set(re.findall(r"^│ ([a-z][\w-]*) {2,}", done.stdout, re.MULTILINE))
     assert listed == {"filter", "fetch", "build", "matte", "catalog", "app", "generate", "finetune", "encode-latents",
                       "pretrain", "serve", "server", "demo"}
     probe = (

@@ -190,3 +190,29 @@ def test_a_run_killed_mid_build_resumes_to_the_pairs_of_an_uninterrupted_run(pre
         for path in expected[column]:
             assert (data / path).read_bytes() == (tmp_path / "reference" / path).read_bytes()
     assert not list(data.rglob(".tmp-*")) and not list((data / "images").rglob(".partial"))
+
+
+def test_the_pretrain_flow_trains_and_reports(prefect_server, ray_cluster, tmp_path):
+    from helpers import write_pairs
+    from prefect.artifacts import Artifact
+    from tiny_models import save_tiny_blip_diffusion
+
+    from blipdiff.flows.pretrain import pretrain_flow
+    from blipdiff.models.training.pretrain import PretrainConfig
+
+    pairs = write_pairs(tmp_path / "pairs")
+    model = save_tiny_blip_diffusion(tmp_path / "model")
+    parameters = PretrainConfig(pairs=[pairs], init=str(model), out=tmp_path / "run", steps=4, batch_size=2, lr=1e-3,
+                                resolution=32, precision="fp32", checkpoint_every=2, validate_every=2,
+                                validation_pairs=1, validation_steps=2, log_every=1)
+    result = pretrain_flow(parameters)
+    assert result["step"] == 4 and result["pairs"] == 5
+    assert result["checkpoint"] == str(tmp_path / "run" / "checkpoints" / "step-0000004")
+    progress = Artifact.get("pretrain-progress")
+    assert progress is not None and float(progress.data) == 100.0
+    summary = str(Artifact.get("pretrain-summary").data)
+    assert "# pretrain: step 4 of 4" in summary and str(tmp_path / "run" / "checkpoints") in summary
+    assert summary.count("](data:image/png;base64,") == 2, "the loss curve and the latest validation grid"
+    assert "step-0000004" in summary and (tmp_path / "run" / "loss.png").is_file()
+    # Triggered again, it finds the run finished and trains nothing.
+    assert pretrain_flow(parameters) == result

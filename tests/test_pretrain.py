@@ -15,12 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from helpers import write_pairs
 from tiny_models import save_tiny_blip_diffusion
 from typer.testing import CliRunner
 
@@ -31,7 +30,6 @@ from blipdiff.models.training.distributed import run_pretrain
 from blipdiff.models.training.pretrain import PretrainConfig, checkpoints
 
 BLIPDIFF = Path(sys.executable).parent / "blipdiff"
-LABELS = ["dog", "cat", "red backpack", "teddy bear", "clock", "vase"]
 # Two workers of batch 1; a learning rate the tiny model moves with in a few steps (the real one is 2e-6).
 RUN = {"steps": 12, "batch_size": 1, "workers": 2, "lr": 1e-3, "resolution": 32, "precision": "fp32",
        "checkpoint_every": 4, "keep_checkpoints": 2, "validate_every": 4, "validation_pairs": 1,
@@ -40,27 +38,6 @@ RUN = {"steps": 12, "batch_size": 1, "workers": 2, "lr": 1e-3, "resolution": 32,
 
 def cli_options(settings: dict) -> list[str]:
     return [part for key, value in settings.items() for part in (f"--{key.replace('_', '-')}", str(value))]
-
-
-def write_pairs(folder: Path, count: int = 6) -> Path:
-    """A build folder as `blipdiff build` leaves it: pairs.parquet and its target and input photos."""
-    rng = np.random.default_rng(0)
-    rows = []
-    for index in range(count):
-        image_id = f"{index:016x}"
-        paths = {}
-        for kind, (width, height) in (("target", (48, 40)), ("input", (30, 36))):
-            pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
-            pixels[4:20, 4:20] = (40 * index, 200, 30)
-            paths[kind] = f"{kind}/{image_id[:2]}/{image_id}.jpg"
-            (folder / paths[kind]).parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(pixels).save(folder / paths[kind])
-        label = LABELS[index % len(LABELS)]
-        rows.append({"image_id": image_id, "label_name": label, "caption": f"a photo of a {label}",
-                     "captions": [f"a photo of a {label}", f"a {label} on the grass"],
-                     "target_path": paths["target"], "input_path": paths["input"]})
-    pq.write_table(pa.Table.from_pylist(rows), folder / "pairs.parquet")
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -138,10 +138,10 @@ def run_pretrain(config: PretrainConfig, log: Callable[[str], None] = print,
     done = checkpoints(config.out)
     if done and checkpoint_step(done[-1]) >= config.steps:
         log(f"{config.out} already reached step {checkpoint_step(done[-1])}: {done[-1]}")
-        return _summary(config, 0, 0, Counter())
+        return _summary(config, Counter())
     # Unusable starting points are found here, not on every worker after Ray has started them.
     checkpoint.resolve(config.init)
-    pairs, held, skipped = prepare_records(config, log)
+    _, _, skipped = prepare_records(config, log)
     if done:
         log(f"resuming from {done[-1]}")
 
@@ -165,16 +165,22 @@ def run_pretrain(config: PretrainConfig, log: Callable[[str], None] = print,
                                        failure_config=ray.train.FailureConfig(max_failures=config.max_failures)))
     with _ProgressWatcher(config.out, on_progress or (lambda progress: None)):
         trainer.fit()
-    return _summary(config, pairs, held, skipped)
+    return _summary(config, skipped)
 
 
-def _summary(config: PretrainConfig, pairs: int, held: int, skipped: Counter) -> PretrainSummary:
+def _summary(config: PretrainConfig, skipped: Counter) -> PretrainSummary:
+    """The run as its folder has it; ``skipped``: what this invocation's record collection left out."""
     import pyarrow.parquet as pq
+
+    def rows(name: str) -> int:
+        path = config.out / RECORDS / name
+        return pq.read_metadata(path).num_rows if path.is_file() else 0
 
     saved = checkpoints(config.out)
     metrics = config.out / "metrics.parquet"
     losses = pq.read_table(metrics, columns=["loss"]).column("loss").to_pylist() if metrics.is_file() else []
     return PretrainSummary(run=config.out, step=checkpoint_step(saved[-1]) if saved else 0,
-                           checkpoint=saved[-1] if saved else None, pairs=pairs, held_out=held, skipped=skipped,
+                           checkpoint=saved[-1] if saved else None, pairs=rows("train.parquet"),
+                           held_out=rows("validation.parquet"), skipped=skipped,
                            final_loss=losses[-1] if losses else None)
 
