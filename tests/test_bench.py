@@ -56,3 +56,19 @@ def test_the_gpu_finetune_benchmark_runs_end_to_end_on_the_cpu():
         {("full", "2", "3"), ("lora", "2", "3")}, done.stdout
     assert done.stdout.strip().splitlines()[-1].startswith("goal: 80 steps at batch 3")
     assert "not assessed, this ran on the CPU" in done.stdout
+
+
+def test_the_gpu_train_benchmark_runs_end_to_end_on_the_cpu():
+    pytest.importorskip("ray")
+    photos = shared_path("dreambench", "dataset")
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_train.py"), "--device", "cpu", "--tiny",
+                           "--no-record", "--batch-sizes", "1", "2", "--steps", "2", "--resolution", "32", "--pairs", "8",
+                           "--photos", str(photos)],
+                          capture_output=True, text=True, timeout=600, cwd=REPO / "bench",
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line.split("|")[1:4] for line in done.stdout.splitlines() if line.startswith(("| 1 |", "| 2 |"))]
+    assert {(batch.strip(), steps.strip()) for batch, steps, _ in rows} == {("1", "2"), ("2", "2")}, done.stdout
+    assert all(float(rate) > 0 for _, _, rate in rows)
+    assert "8 DreamBench photos as pairs" in done.stdout
+    assert done.stdout.strip().splitlines()[-1].startswith("goal: at least 60 samples/s on one H100")

@@ -388,9 +388,13 @@ class _Log:
         self.start_clock()
 
     def _record(self, pending: list, losses: list[float], norms: list[float], lr: float, rate: float) -> None:
+        import torch
+
+        device = torch.device(self.worker.device)
+        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
         for (step, _, _), loss, norm in zip(pending, losses, norms):
             self.metrics.append({"step": step, "loss": loss, "grad_norm": norm, "lr": lr, "samples_per_s": rate,
-                                 "train_seconds": self.train_seconds})
+                                 "train_seconds": self.train_seconds, "peak_gpu_gib": peak})
             self.writer.add_scalar("train/loss", loss, step)
             self.writer.add_scalar("train/grad_norm", norm, step)
             self.writer.add_scalar("train/lr", lr, step)
