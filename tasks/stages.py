@@ -82,9 +82,14 @@ def catalog_task(config: CatalogConfig) -> CatalogSummary:
     return catalog_pairs(config)
 
 
+def _not_bad_input(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry what may pass the next time (a lost node), not a refused input (a ValueError says why)."""
+    return not isinstance(state.result(raise_on_failure=False), ValueError)
+
+
 # Not cached: the run folder's checkpoints are its state, and training resumes from the newest one, so a
 # retry after a lost worker or node goes on from there.
-@task(name="pretrain", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=30)
+@task(name="pretrain", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=30, retry_condition_fn=_not_bad_input)
 def pretrain_task(config: PretrainConfig, on_progress: Callable[[dict], None] | None = None):
     from blipdiff.models.training.distributed import run_pretrain
 

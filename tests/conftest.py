@@ -20,6 +20,9 @@ os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 # which every process the tests start inherits and the session drops at its end.
 os.environ["FIFTYONE_DATABASE_NAME"] = f"blipdiff-tests-{uuid.uuid4().hex[:12]}"
 os.environ["FIFTYONE_DO_NOT_TRACK"] = "true"
+# Ray reads its authentication mode once per process: the tests' local clusters, which CLI runs in
+# subprocesses join through RAY_ADDRESS, all go without the token those subprocesses would lack.
+os.environ["RAY_AUTH_MODE"] = "disabled"
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -18,10 +18,14 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from blipdiff.infra.atomic import atomic_path
-from blipdiff.models.training.pretrain import (PROGRESS_FILE, RECORDS, PretrainConfig, checkpoint_step, checkpoints,
-                                               guard_run_folder)
+from blipdiff.models.training.pretrain import (PROGRESS_FILE, RECORDS, PretrainConfig, check_run_folder,
+                                               checkpoint_step, checkpoints, record_settings)
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 
 @dataclass
@@ -35,11 +39,9 @@ class PretrainSummary:
     final_loss: float | None
 
 
-def prepare_records(config: PretrainConfig, log: Callable[[str], None]) -> tuple[int, int, Counter]:
+def prepare_records(config: PretrainConfig, log: Callable[[str], None]) -> tuple[pa.Table, pa.Table, Counter]:
     """Encode the targets' latents where missing (with the VAE that will be trained against), then
-    write the training and held-out records into ``RUN/records/``."""
-    import pyarrow.parquet as pq
-
+    gather the training and held-out records, and what was skipped by reason."""
     from blipdiff.datasets.latents import EncodeLatentsConfig, encode_latents
     from blipdiff.datasets.training_pairs import collect_records, split_validation
 
@@ -54,12 +56,18 @@ def prepare_records(config: PretrainConfig, log: Callable[[str], None]) -> tuple
     if training.num_rows == 0:
         raise ValueError(f"no usable pairs in {', '.join(map(str, config.pairs))}"
                          + "".join(f"; {count} skipped: {reason}" for reason, count in skipped.items()))
+    log(f"{training.num_rows} pairs to train on, {held.num_rows} held out for validation"
+        + "".join(f", {count} skipped ({reason})" for reason, count in skipped.items()))
+    return training, held, skipped
+
+
+def write_records(config: PretrainConfig, training: pa.Table, held: pa.Table) -> None:
+    """``RUN/records/``: what every worker reads (the same tables on every start of the run)."""
+    import pyarrow.parquet as pq
+
     for name, table in (("train.parquet", training), ("validation.parquet", held)):
         with atomic_path(config.out / RECORDS / name) as temp:
             pq.write_table(table, temp)
-    log(f"{training.num_rows} pairs to train on, {held.num_rows} held out for validation"
-        + "".join(f", {count} skipped ({reason})" for reason, count in skipped.items()))
-    return training.num_rows, held.num_rows, skipped
 
 
 def _sample_stream(config: PretrainConfig, rank: int, first_step: int, recipe):
@@ -133,17 +141,17 @@ def run_pretrain(config: PretrainConfig, log: Callable[[str], None] = print,
     """Pre-train into ``config.out``, resuming from its newest checkpoint; a finished run is not redone."""
     from blipdiff.models.blip_diffusion import checkpoint
 
-    config.out.mkdir(parents=True, exist_ok=True)
-    guard_run_folder(config)
+    recorded = check_run_folder(config)
     done = checkpoints(config.out)
     if done and checkpoint_step(done[-1]) >= config.steps:
         log(f"{config.out} already reached step {checkpoint_step(done[-1])}: {done[-1]}")
         return _summary(config, Counter())
-    # Unusable starting points are found here, not on every worker after Ray has started them.
+    # Every input is checked before the run folder is made: a refused start leaves nothing behind, and
+    # unusable starting points are found here, not on every worker after Ray has started them.
     checkpoint.resolve(config.init)
-    _, _, skipped = prepare_records(config, log)
-    if done:
-        log(f"resuming from {done[-1]}")
+    if config.reset_from_sd is not None:
+        checkpoint.resolve(config.reset_from_sd, ("unet", "vae", "text_encoder"), kind="Stable Diffusion checkpoint")
+    training, held, skipped = prepare_records(config, log)
 
     import ray
     import ray.train
@@ -157,6 +165,12 @@ def run_pretrain(config: PretrainConfig, log: Callable[[str], None] = print,
     if cpus < config.workers + 1:
         raise ValueError(f"{config.workers} workers need {config.workers + 1} CPUs of the Ray cluster (one each, and "
                          f"one at least for the tasks that make the samples); it has {cpus:g}")
+    config.out.mkdir(parents=True, exist_ok=True)
+    if not recorded:
+        record_settings(config)
+    write_records(config, training, held)
+    if done:
+        log(f"resuming from {done[-1]}")
     trainer = TorchTrainer(
         _train_loop, train_loop_config=config.model_dump(mode="json"),
         scaling_config=ray.train.ScalingConfig(num_workers=config.workers, use_gpu=gpus > 0,

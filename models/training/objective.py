@@ -30,7 +30,6 @@ class PretrainObjective(nn.Module):
         super().train(mode)
         # The frozen ViT stays in inference mode.
         self.qformer.visual_encoder.eval()
-        self.qformer.visual_encoder.post_layernorm.train(mode)
         return self
 
     def context(self, pixel_values, subject_ids, subject_mask, text_ids, insert_at, keep_subject) -> torch.Tensor:

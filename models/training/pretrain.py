@@ -117,8 +117,9 @@ class PretrainConfig(BaseModel):
         return self.reset_from_sd or self.init
 
 
-def guard_run_folder(config: PretrainConfig) -> None:
-    """Record the settings in a new run folder; refuse a folder that holds another configuration."""
+def check_run_folder(config: PretrainConfig) -> bool:
+    """Whether ``config.out`` already records these settings (False: a new run). A folder that holds
+    another configuration, or anything but a run, is refused."""
     path = config.out / SETTINGS_FILE
     wanted = config.settings()
     if path.is_file():
@@ -127,10 +128,15 @@ def guard_run_folder(config: PretrainConfig) -> None:
             changed = sorted(key for key in existing.keys() | wanted.keys() if existing.get(key) != wanted.get(key))
             raise ValueError(f"{config.out} holds a run with other settings ({', '.join(changed)}): resume it with "
                              "its own settings, or choose another --out")
-    elif config.out.exists() and any(config.out.iterdir()):
+        return True
+    if config.out.exists() and (not config.out.is_dir() or any(config.out.iterdir())):
         raise ValueError(f"{config.out} exists and is not a pre-training run folder; choose another --out")
-    else:
-        write_json_atomic(wanted, path)
+    return False
+
+
+def record_settings(config: PretrainConfig) -> None:
+    """Written once every input has been checked, so that a refused start leaves no run folder behind."""
+    write_json_atomic(config.settings(), config.out / SETTINGS_FILE)
 
 
 def checkpoint_name(step: int) -> str:
