@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from blipdiff.infra.atomic import atomic_path, remove_stale_temporaries, write_json_atomic
-from blipdiff.models.inputs import model_location, multiple_of_eight
+from blipdiff.models.inputs import build_folder, model_location, multiple_of_eight
 
 LATENTS_FOLDER = "latents"
 MANIFEST = "latents.parquet"
@@ -58,9 +58,7 @@ class EncodeLatentsConfig(BaseModel):
     @field_validator("pairs")
     @classmethod
     def _has_pairs(cls, value: Path) -> Path:
-        if not (value / "pairs.parquet").is_file():
-            raise ValueError(f"{value} has no pairs.parquet: give a build folder (blipdiff build --out)")
-        return value
+        return build_folder(value)
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Checks and normal forms of the inputs that the model commands share (generate, finetune), for their
+"""Checks and normal forms of the inputs that the model commands share (generate, finetune, pretrain), for their
 configuration models: each raises ValueError with the message the command line shows."""
 
 from __future__ import annotations
@@ -16,6 +16,14 @@ def multiple_of_eight(value: int) -> int:
     if value % 8:
         raise ValueError(f"{value} is not a multiple of 8 (the VAE downsamples by 8)")
     return value
+
+
+def build_folder(folder: Path) -> Path:
+    """A folder that ``blipdiff build --out`` made (it has pairs.parquet), as an absolute path: the Ray
+    workers that read it run in other folders, on other nodes that see the same paths."""
+    if not (folder / "pairs.parquet").is_file():
+        raise ValueError(f"{folder} has no pairs.parquet: give a build folder (blipdiff build --out)")
+    return folder.resolve()
 
 
 def readable_image(path: Path) -> None:

@@ -144,7 +144,9 @@ def test_two_workers_of_batch_one_match_one_worker_of_batch_two(reference, model
                                                                              "batch_size": 2}), log=lambda line: None)
     ours, theirs = weights(out / "checkpoints" / "step-0000008"), weights(reference / "checkpoints" / "step-0000008")
     moved = largest_difference(theirs, weights(model))
-    assert largest_difference(ours, theirs) < 0.02 * moved
+    # Float rounding differs with the split, and Adam turns the sign of a near-zero gradient into a whole
+    # step: a percent of the way moved, where another split of the data would differ by all of it.
+    assert largest_difference(ours, theirs) < 0.05 * moved
     losses = pd.read_parquet(out / "metrics.parquet")["loss"].to_numpy()
     np.testing.assert_allclose(losses, pd.read_parquet(reference / "metrics.parquet")["loss"].to_numpy()[:8], rtol=1e-5)
 

@@ -32,7 +32,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from blipdiff.infra.atomic import TEMP_PREFIX, atomic_folder, atomic_path, write_json_atomic
-from blipdiff.models.inputs import model_location, multiple_of_eight
+from blipdiff.models.inputs import build_folder, model_location, multiple_of_eight
 
 SETTINGS_FILE = "pretrain.json"
 CHECKPOINTS = "checkpoints"
@@ -90,10 +90,7 @@ class PretrainConfig(BaseModel):
     @field_validator("pairs")
     @classmethod
     def _build_folders(cls, folders: list[Path]) -> list[Path]:
-        for folder in folders:
-            if not (folder / "pairs.parquet").is_file():
-                raise ValueError(f"{folder} has no pairs.parquet: give build folders (blipdiff build --out)")
-        return [folder.resolve() for folder in folders]
+        return [build_folder(folder) for folder in folders]
 
     @field_validator("out")
     @classmethod
