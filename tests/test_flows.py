@@ -122,6 +122,7 @@ def test_a_served_deployment_runs_when_triggered_with_parameters(prefect_server,
             while True:
                 try:
                     client.read_deployment_by_name("build_pairs/test")
+                    client.read_deployment_by_name("pretrain/test")
                     break
                 except Exception:
                     assert time.monotonic() < deadline, "the deployment never appeared"

@@ -181,6 +181,34 @@ def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(reference, 
     assert other.returncode == 2 and "holds a run with other settings (seed)" in other.stderr
 
 
+def train_workers() -> list[int]:
+    """Process ids of Ray Train's workers (their command line names the actor)."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if cmdline.read_bytes().startswith(b"ray::RayTrainWorker"):
+                pids.append(int(cmdline.parent.name))
+        except OSError:
+            pass
+    return pids
+
+
+def test_a_failed_worker_is_restarted_from_the_last_checkpoint(reference, model, pairs, tmp_path):
+    out = tmp_path / "worker-lost"
+    command = [str(BLIPDIFF), "pretrain", "--pairs", str(pairs), "--init", str(model), "--out", str(out),
+               *cli_options(RUN)]
+    run = subprocess.Popen(command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (out / "checkpoints" / "step-0000004").is_dir() or not train_workers():
+        assert run.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    os.kill(train_workers()[-1], signal.SIGKILL)
+    stdout, stderr = run.communicate(timeout=600)
+    assert run.returncode == 0, stderr[-3000:]
+    assert largest_difference(weights(out / "checkpoints" / "step-0000012"),
+                              weights(reference / "checkpoints" / "step-0000012")) < 1e-6
+
+
 def checkpoint_steps(run: Path) -> list[int]:
     return [int(folder.name.split("-")[1]) for folder in checkpoints(run)]
 
@@ -313,3 +341,16 @@ def test_a_run_folder_that_is_not_a_run_is_refused(model, pairs, tmp_path):
     result = CliRunner().invoke(app, ["pretrain", "--pairs", str(pairs), "--init", str(model), "--out",
                                       str(tmp_path / "run"), "--resolution", "32"])
     assert result.exit_code == 2 and "is not a pre-training run folder" in result.output
+
+
+def test_encode_latents_refuses_bad_input(model, pairs, tmp_path):
+    runner = CliRunner()
+    no_pairs = runner.invoke(app, ["encode-latents", "--pairs", str(tmp_path), "--model", str(model)])
+    assert no_pairs.exit_code == 2 and "has no pairs.parquet" in no_pairs.output
+    no_vae = tmp_path / "no-vae"
+    no_vae.mkdir()
+    (no_vae / "model_index.json").write_text(json.dumps({"unet": ["diffusers", "UNet2DConditionModel"]}))
+    result = runner.invoke(app, ["encode-latents", "--pairs", str(pairs), "--model", str(no_vae)])
+    assert result.exit_code == 2 and "does not list the components vae" in result.output
+    odd = runner.invoke(app, ["encode-latents", "--pairs", str(pairs), "--model", str(model), "--resolution", "20"])
+    assert odd.exit_code == 2 and "20 is not a multiple of 8" in odd.output
