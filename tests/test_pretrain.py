@@ -168,6 +168,7 @@ def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(reference, 
     again = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resuming from" in again.stdout
+    assert "the run's pairs, as collected at its start: 5 to train on" in again.stdout
     assert largest_difference(weights(out / "checkpoints" / "step-0000012"),
                               weights(reference / "checkpoints" / "step-0000012")) < 1e-6
     ours, theirs = pd.read_parquet(out / "metrics.parquet"), pd.read_parquet(reference / "metrics.parquet")

@@ -20,12 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from blipdiff.infra.atomic import atomic_path
+from blipdiff.infra.atomic import atomic_path, write_json_atomic
 from blipdiff.models.training.pretrain import (PROGRESS_FILE, RECORDS, PretrainConfig, check_run_folder,
                                                checkpoint_step, checkpoints, record_settings)
 
 if TYPE_CHECKING:
     import pyarrow as pa
+
+SKIPPED = "skipped.json"
 
 
 @dataclass
@@ -61,13 +63,20 @@ def prepare_records(config: PretrainConfig, log: Callable[[str], None]) -> tuple
     return training, held, skipped
 
 
-def write_records(config: PretrainConfig, training: pa.Table, held: pa.Table) -> None:
-    """``RUN/records/``: what every worker reads (the same tables on every start of the run)."""
+def write_records(config: PretrainConfig, training: pa.Table, held: pa.Table, skipped: Counter) -> None:
+    """``RUN/records/``: what every worker reads, and the pairs left out by reason. The training
+    records are written last: their presence marks the run's records as complete."""
     import pyarrow.parquet as pq
 
-    for name, table in (("train.parquet", training), ("validation.parquet", held)):
+    write_json_atomic(dict(skipped), config.out / RECORDS / SKIPPED)
+    for name, table in (("validation.parquet", held), ("train.parquet", training)):
         with atomic_path(config.out / RECORDS / name) as temp:
             pq.write_table(table, temp)
+
+
+def read_skipped(config: PretrainConfig) -> dict[str, int]:
+    path = config.out / RECORDS / SKIPPED
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def _sample_stream(config: PretrainConfig, rank: int, first_step: int, recipe):
@@ -145,13 +154,19 @@ def run_pretrain(config: PretrainConfig, log: Callable[[str], None] = print,
     done = checkpoints(config.out)
     if done and checkpoint_step(done[-1]) >= config.steps:
         log(f"{config.out} already reached step {checkpoint_step(done[-1])}: {done[-1]}")
-        return _summary(config, Counter())
+        return _summary(config)
     # Every input is checked before the run folder is made: a refused start leaves nothing behind, and
     # unusable starting points are found here, not on every worker after Ray has started them.
     checkpoint.resolve(config.init)
     if config.reset_from_sd is not None:
         checkpoint.resolve(config.reset_from_sd, ("unet", "vae", "text_encoder"), kind="Stable Diffusion checkpoint")
-    training, held, skipped = prepare_records(config, log)
+    # A run keeps the records it started with, so that resuming reads the same samples in the same
+    # order; pairs built since then train in a run of their own.
+    started = recorded and (config.out / RECORDS / "train.parquet").is_file()
+    if started:
+        log(f"the run's pairs, as collected at its start: {_summary(config).pairs} to train on")
+    else:
+        training, held, skipped = prepare_records(config, log)
 
     import ray
     import ray.train
@@ -168,7 +183,8 @@ def run_pretrain(config: PretrainConfig, log: Callable[[str], None] = print,
     config.out.mkdir(parents=True, exist_ok=True)
     if not recorded:
         record_settings(config)
-    write_records(config, training, held)
+    if not started:
+        write_records(config, training, held, skipped)
     if done:
         log(f"resuming from {done[-1]}")
     trainer = TorchTrainer(
@@ -179,11 +195,11 @@ def run_pretrain(config: PretrainConfig, log: Callable[[str], None] = print,
                                        failure_config=ray.train.FailureConfig(max_failures=config.max_failures)))
     with _ProgressWatcher(config.out, on_progress or (lambda progress: None)):
         trainer.fit()
-    return _summary(config, skipped)
+    return _summary(config)
 
 
-def _summary(config: PretrainConfig, skipped: Counter) -> PretrainSummary:
-    """The run as its folder has it; ``skipped``: what this invocation's record collection left out."""
+def _summary(config: PretrainConfig) -> PretrainSummary:
+    """The run as its folder has it."""
     import pyarrow.parquet as pq
 
     def rows(name: str) -> int:
@@ -195,6 +211,6 @@ def _summary(config: PretrainConfig, skipped: Counter) -> PretrainSummary:
     losses = pq.read_table(metrics, columns=["loss"]).column("loss").to_pylist() if metrics.is_file() else []
     return PretrainSummary(run=config.out, step=checkpoint_step(saved[-1]) if saved else 0,
                            checkpoint=saved[-1] if saved else None, pairs=rows("train.parquet"),
-                           held_out=rows("validation.parquet"), skipped=skipped,
+                           held_out=rows("validation.parquet"), skipped=Counter(read_skipped(config)),
                            final_loss=losses[-1] if losses else None)
 
