@@ -76,13 +76,18 @@ def split_validation(records: pa.Table, count: int, seed: int) -> tuple[pa.Table
 
 
 @functools.lru_cache(maxsize=4)
-def _records(path: str, mtime_ns: int) -> list[dict]:
-    return pq.read_table(path).to_pylist()
+def _record_table(path: str, mtime_ns: int) -> pa.Table:
+    return pq.read_table(path)
+
+
+def record_table(path: Path) -> pa.Table:
+    """The records file, read once per process (each Ray worker process keeps it) and kept in Arrow's
+    columns: a million records as Python dicts would cost every process gigabytes."""
+    return _record_table(str(path), path.stat().st_mtime_ns)
 
 
 def read_records(path: Path) -> list[dict]:
-    """The records file, read once per process (each Ray worker process keeps it)."""
-    return _records(str(path), path.stat().st_mtime_ns)
+    return record_table(path).to_pylist()
 
 
 @functools.lru_cache(maxsize=2)
@@ -165,10 +170,10 @@ def make_sample(record: dict, position: int, recipe: SampleRecipe) -> dict:
     }
 
 
-def record_at(records: list[dict], position: int, seed: int) -> dict:
+def record_at(records: pa.Table, position: int, seed: int) -> dict:
     """The record the run reads at global ``position``: epoch after epoch, each shuffled by (seed, epoch)."""
-    epoch, offset = divmod(position, len(records))
-    return records[int(epoch_order(len(records), seed, epoch)[offset])]
+    epoch, offset = divmod(position, records.num_rows)
+    return records.slice(int(epoch_order(records.num_rows, seed, epoch)[offset]), 1).to_pylist()[0]
 
 
 @dataclass(frozen=True)
@@ -197,7 +202,7 @@ class WorkerSchedule:
 def make_samples(batch: dict, records_path: str, schedule: WorkerSchedule, first_step: int,
                  recipe: SampleRecipe) -> dict:
     """A Ray Data ``map_batches`` function: this worker's row indices → its samples, in order."""
-    records = read_records(Path(records_path))
+    records = record_table(Path(records_path))
     positions = schedule.positions(first_step, np.asarray(batch["id"], dtype=np.int64))
     samples = [make_sample(record_at(records, int(p), recipe.seed), int(p), recipe) for p in positions]
     return {key: np.stack([s[key] for s in samples]) if isinstance(samples[0][key], np.ndarray)
