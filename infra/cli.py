@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from blipdiff.models import DEFAULT_BLIP2, DEFAULT_CLIPSEG
+from blipdiff.models import DEFAULT_BLIP2, DEFAULT_CLIP, DEFAULT_CLIPSEG, DEFAULT_DINO
 
 app = typer.Typer(
     name="blipdiff",
@@ -371,6 +371,37 @@ def pretrain_command(
         raise _fail(str(error)) from error
     typer.echo(f"step {summary.step} of {steps}: checkpoint -> {summary.checkpoint}")
     typer.echo(f"metrics -> {out / 'metrics.parquet'}; TensorBoard: tensorboard --logdir {out / 'logs'}")
+
+
+@app.command("score")
+def score_command(
+    dreambench: Annotated[Path, typer.Option(help="DreamBench's dataset folder (DreamBooth's layout).")],
+    out: Annotated[Path, typer.Option(help="Folder for scores.parquet and summary.json.")],
+    images: Annotated[Path | None, typer.Option(
+        help="Generated images: DIR/<subject>/<prompt index>_<image index>.png, or DIR/generations.parquet.")] = None,
+    oracle: Annotated[bool, typer.Option("--oracle", help="Score the real photos against each other.")] = False,
+    dino: Annotated[str, typer.Option(help="DINO ViT-S/16: hub id or folder.")] = DEFAULT_DINO,
+    clip: Annotated[str, typer.Option(help="CLIP ViT-B/32: hub id or folder.")] = DEFAULT_CLIP,
+    batch_size: Annotated[int, typer.Option(help="Images per metric-model call.")] = 64,
+    device: Annotated[str | None, typer.Option(help="torch device (default: cuda when available).")] = None,
+) -> None:
+    """DreamBench's DINO, CLIP-I and CLIP-T for images made by any method, or the real-photo oracle."""
+    from blipdiff.models.scoring import ScoreConfig, run_score
+    from pydantic import ValidationError
+
+    try:
+        config = ScoreConfig(dreambench=dreambench, out=out, images=images, oracle=oracle, dino=dino, clip=clip,
+                             batch_size=batch_size, device=device)
+    except ValidationError as error:
+        raise _fail("; ".join(_validation_messages(error))) from error
+    try:
+        summary = run_score(config, log=typer.echo)
+    except (ValueError, OSError) as error:  # DreamBenchError is a ValueError
+        raise _fail(str(error)) from error
+    means = summary["mean_over_subjects"]
+    typer.echo(f"{summary['subjects']} subjects, mean over subjects: "
+               + ", ".join(f"{metric} {value:.4f}" for metric, value in means.items()))
+    typer.echo(f"scores -> {out / 'scores.parquet'}; summary -> {out / 'summary.json'}")
 
 
 @app.command("serve")

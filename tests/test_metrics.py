@@ -12,7 +12,7 @@ import torch
 import transformers
 from helpers import shared_path
 from PIL import Image
-from tiny_models import save_tiny_clip
+from tiny_models import save_tiny_clip, save_tiny_dino
 
 from blipdiff.models.metrics import (ClipEmbedder, DinoEmbedder, mean_similarity, oracle_similarity,
                                      text_similarity)
@@ -22,13 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def dino_folder(tmp_path_factory) -> Path:
-    """A random ViT at DINO's input size (224, patch 32 to stay small), saved with a pooler as the hub's is."""
-    config = transformers.ViTConfig(image_size=224, patch_size=32, hidden_size=32, num_hidden_layers=2,
-                                    num_attention_heads=2, intermediate_size=64)
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("dino")
-    transformers.ViTModel(config, add_pooling_layer=True).save_pretrained(folder)
-    return folder
+    return save_tiny_dino(tmp_path_factory.mktemp("dino"))
 
 
 @pytest.fixture(scope="module")

@@ -126,6 +126,16 @@ def save_tiny_clip(folder: Path) -> Path:
     return folder
 
 
+def save_tiny_dino(folder: Path) -> Path:
+    """A random ViT at DINO's input size (224; patch 32 to stay small), saved with a pooler as the hub's
+    facebook/dino-vits16 is."""
+    config = transformers.ViTConfig(image_size=224, patch_size=32, hidden_size=32, num_hidden_layers=2,
+                                    num_attention_heads=2, intermediate_size=64)
+    torch.manual_seed(0)
+    transformers.ViTModel(config, add_pooling_layer=True).save_pretrained(folder)
+    return folder
+
+
 # A WordPiece vocabulary for the Q-Former's subject text, in bert-base-uncased's order of specials.
 SUBJECT_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "dog", "cat", "red", "back", "##pack", "teddy",
                  "bear", "can", "##dle", "clock", "vase", "toy", "shoe", "##s", "the", "of", "photo", "robot", "duck"]
