@@ -1,0 +1,98 @@
+"""``report.md`` of a DreamBench evaluation: the Table-1-style summary beside the paper's, per-subject
+tables beside the paper's Tables 4 (zero-shot) and 5 (fine-tuned) with the differences, a breakdown by
+prompt kind, and a per-subject bar chart (``per_subject.png``). The paper's numbers are FACTS'."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from blipdiff.infra.atomic import atomic_path
+from blipdiff.models.scoring import METRICS, summarize
+
+PAPER_MEANS = {"zero-shot": {"dino": 0.594, "clip_i": 0.779, "clip_t": 0.300},
+               "finetuned": {"dino": 0.670, "clip_i": 0.805, "clip_t": 0.302}}
+PAPER_ORACLE = {"dino": 0.774, "clip_i": 0.885}
+# Tables 4 and 5 as FACTS has them: subject DINO/CLIP-I/CLIP-T.
+_TABLE_4 = """backpack .452/.782/.320, backpack_dog .467/.712/.310, bear_plushie .634/.739/.304, berry_bowl .750/.792/.257,
+can .540/.641/.314, candle .395/.710/.316, cat .760/.835/.306, cat2 .703/.854/.286, clock .402/.735/.303,
+colorful_sneaker .680/.769/.298, dog .780/.849/.310, dog2 .730/.831/.307, dog3 .558/.747/.310,
+dog5 .705/.788/.313, dog6 .763/.867/.288, dog7 .656/.817/.309, dog8 .641/.816/.307, duck_toy .665/.840/.287,
+fancy_boot .538/.800/.291, grey_sloth_plushie .632/.755/.315, monster_toy .490/.734/.293,
+pink_sunglasses .599/.836/.308, poop_emoji .494/.689/.307, rc_car .569/.761/.281, red_cartoon .697/.826/.263,
+robot_toy .534/.787/.315, shiny_sneaker .668/.759/.294, teapot .451/.804/.314, vase .471/.786/.262,
+wolf_plushie .463/.737/.327"""
+_TABLE_5 = """backpack .551/.839/.320, backpack_dog .639/.760/.317, bear_plushie .693/.752/.307, berry_bowl .808/.829/.254,
+can .618/.695/.313, candle .519/.752/.311, cat .806/.869/.306, cat2 .747/.864/.284, clock .479/.784/.305,
+colorful_sneaker .739/.805/.320, dog .821/.860/.313, dog2 .793/.841/.307, dog3 .573/.751/.312, dog5 .727/.801/.311,
+dog6 .834/.891/.280, dog7 .672/.823/.310, dog8 .723/.823/.310, duck_toy .699/.838/.284, fancy_boot .649/.827/.299,
+grey_sloth_plushie .717/.780/.322, monster_toy .566/.743/.292, pink_sunglasses .625/.826/.312,
+poop_emoji .627/.784/.290, rc_car .651/.775/.288, red_cartoon .788/.882/.262, robot_toy .626/.803/.316,
+shiny_sneaker .757/.804/.297, teapot .484/.819/.331, vase .628/.812/.261, wolf_plushie .599/.760/.325"""
+
+
+def _parse(table: str) -> dict[str, dict[str, float]]:
+    entries = {}
+    for entry in table.replace("\n", " ").split(","):
+        subject, values = entry.split()
+        entries[subject] = dict(zip(METRICS, (float(value) for value in values.split("/"))))
+    return entries
+
+
+PAPER_PER_SUBJECT = {"zero-shot": _parse(_TABLE_4), "finetuned": _parse(_TABLE_5)}
+
+
+def _cell(ours: float, paper: float | None) -> str:
+    return f"{ours:.3f}" if paper is None else f"{ours:.3f} ({paper:.3f}, {ours - paper:+.3f})"
+
+
+def write_report(scores: list[dict], mode: str, out: Path, title: str) -> Path:
+    """``out/report.md`` and ``out/per_subject.png`` from the scored images of one run in ``mode``
+    (``zero-shot`` or ``finetuned``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    import pandas as pd
+
+    summary = summarize(scores)
+    paper_means, paper_subjects = PAPER_MEANS[mode], PAPER_PER_SUBJECT[mode]
+    means = summary["mean_over_subjects"]
+    lines = [f"# {title}\n", f"{summary['images']:,} images of {summary['subjects']} subjects, {mode}. Cells: ours "
+             "(the paper's, the difference).\n", "| | DINO | CLIP-I | CLIP-T |", "| --- | ---: | ---: | ---: |",
+             "| mean over subjects | " + " | ".join(_cell(means[m], paper_means[m]) for m in METRICS) + " |",
+             "| pooled over images | " + " | ".join(f"{summary['pooled_mean'][m]:.3f}" for m in METRICS) + " |",
+             f"| real-photo oracle (paper) | {PAPER_ORACLE['dino']:.3f} | {PAPER_ORACLE['clip_i']:.3f} | |", ""]
+    table = "Table 4" if mode == "zero-shot" else "Table 5"
+    lines += [f"## Per subject, beside the paper's {table}\n", "| subject | DINO | CLIP-I | CLIP-T |",
+              "| --- | ---: | ---: | ---: |"]
+    for subject, values in summary["per_subject"].items():
+        paper = paper_subjects.get(subject, {})
+        lines.append(f"| {subject} | " + " | ".join(_cell(values[m], paper.get(m)) for m in METRICS) + " |")
+    frame = pd.DataFrame(scores)
+    by_kind = frame.groupby("kind")[list(METRICS)].mean()
+    lines += ["", "## By prompt kind (pooled over images)\n", "| kind | images | DINO | CLIP-I | CLIP-T |",
+              "| --- | ---: | ---: | ---: | ---: |"]
+    for kind, row in by_kind.iterrows():
+        lines.append(f"| {kind} | {int((frame['kind'] == kind).sum())} | "
+                     + " | ".join(f"{row[m]:.3f}" for m in METRICS) + " |")
+    lines += ["", "![per subject](per_subject.png)", ""]
+
+    subjects = list(summary["per_subject"])
+    figure, axes = plt.subplots(1, 3, figsize=(max(8, 0.45 * len(subjects) * 3), 4), dpi=100, sharey=False)
+    positions = np.arange(len(subjects))
+    for axis, metric, name in zip(axes, METRICS, ("DINO", "CLIP-I", "CLIP-T")):
+        axis.bar(positions - 0.2, [summary["per_subject"][s][metric] for s in subjects], 0.4, label="ours")
+        axis.bar(positions + 0.2, [paper_subjects.get(s, {}).get(metric, np.nan) for s in subjects], 0.4,
+                 label=f"paper ({table})")
+        axis.set_xticks(positions, subjects, rotation=90, fontsize=7)
+        axis.set_title(name)
+    axes[0].legend(fontsize=7)
+    figure.tight_layout()
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / "per_subject.png") as temp:
+        figure.savefig(temp, format="png")
+    plt.close(figure)
+    with atomic_path(out / "report.md") as temp:
+        temp.write_text("\n".join(lines), encoding="utf-8")
+    return out / "report.md"
