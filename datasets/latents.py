@@ -26,10 +26,10 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from blipdiff.infra.atomic import atomic_path, remove_stale_temporaries, write_json_atomic
-from blipdiff.models.inputs import build_folder, model_location, multiple_of_eight
+from blipdiff.models.inputs import BuildFolder, ImageSide, model_location
 
 LATENTS_FOLDER = "latents"
 MANIFEST = "latents.parquet"
@@ -43,22 +43,12 @@ class EncodeLatentsConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    pairs: Path = Field(description="A build folder (blipdiff build --out) with pairs.parquet.")
+    pairs: BuildFolder = Field(description="A build folder (blipdiff build --out) with pairs.parquet.")
     model: str = Field(description="Hub id or local folder of a checkpoint with a vae/ component.")
-    resolution: int = Field(512, ge=8, description="Side of the square targets.")
+    resolution: ImageSide = Field(512, description="Side of the square targets.")
     batch_size: int = Field(8, ge=1, description="Targets per VAE call.")
     actors: int = Field(1, ge=1, description="VAE actors (one per GPU, say).")
     gpus_per_actor: float | None = Field(None, ge=0, description="Default: 1 when the Ray cluster has GPUs, else 0.")
-
-    @field_validator("resolution")
-    @classmethod
-    def _multiple_of_eight(cls, value: int) -> int:
-        return multiple_of_eight(value)
-
-    @field_validator("pairs")
-    @classmethod
-    def _has_pairs(cls, value: Path) -> Path:
-        return build_folder(value)
 
 
 @dataclass

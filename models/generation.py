@@ -18,7 +18,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from blipdiff.infra.atomic import atomic_path, remove_stale_temporaries, write_json_atomic
-from blipdiff.models.inputs import model_location, multiple_of_eight, named_subject, readable_image
+from blipdiff.models.inputs import ImageSide, SubjectText, model_location, readable_image
 
 SCHEDULERS = {"pndm": "PNDMScheduler", "ddim": "DDIMScheduler", "dpm": "DPMSolverMultistepScheduler"}
 RUN_FILE = "run.json"
@@ -34,8 +34,8 @@ class GenerateConfig(BaseModel):
     model: str = Field(description="Hub id or local checkpoint folder in the official layout.")
     images: list[Path] = Field(default_factory=list, description="Reference photos of the subject (averaged).")
     subject_checkpoint: Path | None = Field(None, description="A `blipdiff finetune` output, instead of photos.")
-    subject: str = Field(description="The subject's category, e.g. 'dog'.")
-    target_subject: str | None = Field(None, description="Category written into the prompt (default: subject).")
+    subject: SubjectText = Field(description="The subject's category, e.g. 'dog'.")
+    target_subject: SubjectText | None = Field(None, description="Category written into the prompt (default: subject).")
     prompts: list[str] = Field(min_length=1)
     out: Path
     negative_prompt: str = ""
@@ -43,16 +43,11 @@ class GenerateConfig(BaseModel):
     guidance: float = Field(7.5, ge=0)
     seed: int = Field(0, ge=0)
     num_images: int = Field(1, ge=1)
-    height: int = Field(512, ge=8)
-    width: int = Field(512, ge=8)
+    height: ImageSide = 512
+    width: ImageSide = 512
     scheduler: Literal["pndm", "ddim", "dpm"] = "pndm"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "cpu"
-
-    @field_validator("subject", "target_subject")
-    @classmethod
-    def _subject_named(cls, value: str | None) -> str | None:
-        return None if value is None else named_subject(value)
 
     @field_validator("prompts")
     @classmethod
@@ -60,11 +55,6 @@ class GenerateConfig(BaseModel):
         if any(not prompt.strip() for prompt in value):
             raise ValueError("a prompt is empty")
         return value
-
-    @field_validator("height", "width")
-    @classmethod
-    def _multiple_of_eight(cls, value: int) -> int:
-        return multiple_of_eight(value)
 
     @model_validator(mode="after")
     def _images_readable(self) -> GenerateConfig:

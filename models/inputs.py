@@ -4,6 +4,9 @@ configuration models: each raises ValueError with the message the command line s
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
+
+from pydantic import AfterValidator, Field
 
 
 def named_subject(value: str) -> str:
@@ -43,3 +46,9 @@ def model_location(model: str) -> str:
     id as it is."""
     folder = Path(model).expanduser()
     return str(folder.resolve()) if folder.exists() else model
+
+
+# The checks as types, for the configuration models' fields.
+ImageSide = Annotated[int, Field(ge=8), AfterValidator(multiple_of_eight)]
+SubjectText = Annotated[str, AfterValidator(named_subject)]
+BuildFolder = Annotated[Path, AfterValidator(build_folder)]

@@ -21,12 +21,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from blipdiff.infra.atomic import atomic_folder
 from blipdiff.models.blip_diffusion.subject_checkpoint import (EMBEDDING_FILE, LORA_FOLDER, LORA_TARGETS, LORA_WEIGHTS,
                                                                SUBJECT_FILE, UNET_FOLDER)
-from blipdiff.models.inputs import model_location, multiple_of_eight, named_subject, readable_image
+from blipdiff.models.inputs import ImageSide, SubjectText, model_location, readable_image
 from blipdiff.models.training.optimizer import adamw
 
 
@@ -37,7 +37,7 @@ class FinetuneConfig(BaseModel):
 
     model: str = Field(description="Hub id or local checkpoint folder in the official layout.")
     images: list[Path] = Field(min_length=1, description="Photos of the subject, or folders of them.")
-    subject: str = Field(description="The subject's category, e.g. 'dog'.")
+    subject: SubjectText = Field(description="The subject's category, e.g. 'dog'.")
     out: Path
     steps: int = Field(80, ge=1)
     lr: float = Field(5e-6, gt=0)
@@ -46,19 +46,9 @@ class FinetuneConfig(BaseModel):
     lora_rank: int = Field(16, ge=1)
     precision: Literal["bf16", "fp32"] = "bf16"
     weight_decay: float = Field(0.01, ge=0)
-    resolution: int = Field(512, ge=8, description="Side of the square training targets.")
+    resolution: ImageSide = Field(512, description="Side of the square training targets.")
     seed: int = Field(0, ge=0)
     device: str | None = Field(None, description="torch device (default: cuda when available, else cpu).")
-
-    @field_validator("subject")
-    @classmethod
-    def _subject_named(cls, value: str) -> str:
-        return named_subject(value)
-
-    @field_validator("resolution")
-    @classmethod
-    def _multiple_of_eight(cls, value: int) -> int:
-        return multiple_of_eight(value)
 
     # The photos that ``images`` names, found and checked once, when the config is made.
     _photos: list[Path] = PrivateAttr(default_factory=list)

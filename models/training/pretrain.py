@@ -32,7 +32,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from blipdiff.infra.atomic import TEMP_PREFIX, atomic_folder, atomic_path, write_json_atomic
-from blipdiff.models.inputs import build_folder, model_location, multiple_of_eight
+from blipdiff.models.inputs import BuildFolder, ImageSide, model_location
 
 SETTINGS_FILE = "pretrain.json"
 CHECKPOINTS = "checkpoints"
@@ -52,7 +52,7 @@ class PretrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    pairs: list[Path] = Field(min_length=1, description="Build folders (blipdiff build --out) to train on.")
+    pairs: list[BuildFolder] = Field(min_length=1, description="Build folders (blipdiff build --out) to train on.")
     init: str = Field(description="Checkpoint in the official layout to start from (hub id or folder).")
     out: Path = Field(description="Run folder: checkpoints, logs, metrics, validation images.")
     reset_from_sd: str | None = Field(None, description="Replace the U-Net, text encoder and VAE with this Stable "
@@ -67,7 +67,7 @@ class PretrainConfig(BaseModel):
     eps: float = Field(1e-8, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     max_grad_norm: float = Field(20.0, gt=0)
-    resolution: int = Field(512, ge=8, description="Side of the square targets.")
+    resolution: ImageSide = Field(512, description="Side of the square targets.")
     precision: Literal["bf16", "fp32"] = "bf16"
     gradient_checkpointing: bool = True
     subject_dropout: float = Field(0.15, ge=0, le=1)
@@ -81,17 +81,7 @@ class PretrainConfig(BaseModel):
     max_failures: int = Field(3, ge=0, description="Restarts of failed workers from the last checkpoint.")
     latent_actors: int = Field(1, ge=1, description="VAE actors encoding the target latents.")
 
-    @field_validator("resolution")
-    @classmethod
-    def _multiple_of_eight(cls, value: int) -> int:
-        return multiple_of_eight(value)
-
     # Absolute, since the workers run elsewhere (other folders, other nodes that see the same paths).
-    @field_validator("pairs")
-    @classmethod
-    def _build_folders(cls, folders: list[Path]) -> list[Path]:
-        return [build_folder(folder) for folder in folders]
-
     @field_validator("out")
     @classmethod
     def _absolute_out(cls, folder: Path) -> Path:
