@@ -255,7 +255,6 @@ def train_worker(config: PretrainConfig, worker: Worker, batches: BatchStream) -
     torch.manual_seed(config.seed * 1_000 + worker.rank)
     pipe = load_training_pipeline(config, resume_from).to(device)
     pipe.set_progress_bar_config(disable=True)
-    pipe.vae.requires_grad_(False)
     objective = PretrainObjective(pipe)
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(objective)
