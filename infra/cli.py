@@ -404,6 +404,63 @@ def score_command(
     typer.echo(f"scores -> {out / 'scores.parquet'}; summary -> {out / 'summary.json'}")
 
 
+@app.command("eval")
+def eval_command(
+    model: Annotated[str, typer.Option(help="Hub id or local checkpoint folder (the official layout).")],
+    dreambench: Annotated[Path, typer.Option(help="DreamBench's dataset folder (DreamBooth's layout).")],
+    out: Annotated[Path, typer.Option(help="Run folder; rerunning the command finishes it.")],
+    mode: Annotated[str, typer.Option(help="zero-shot, or finetuned (blipdiff finetune per subject first).")] = "zero-shot",
+    subjects: Annotated[str, typer.Option(help="Comma-separated subjects (default: all 30).")] = "",
+    prompts: Annotated[int, typer.Option(help="The first N of each subject's 25 prompts.")] = 25,
+    images_per_prompt: Annotated[int, typer.Option(help="Images per prompt (the paper: 4).")] = 4,
+    steps: Annotated[int, typer.Option(help="PNDM steps (the paper: 100).")] = 100,
+    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 7.5,
+    seed_sets: Annotated[int, typer.Option(help="Repeats with other seeds; mean and spread reported (the paper: 10).")] = 1,
+    reference: Annotated[str, typer.Option(
+        help="Zero-shot subject embedding: all (mean over the photos), first, or FILE (a photo, or a CSV subject,photo).")]
+    = "all",
+    resolution: Annotated[int, typer.Option(help="Side of the square images.")] = 512,
+    negative_prompt: Annotated[str, typer.Option(help="Negative prompt.")] = "",
+    finetune_steps: Annotated[int | None, typer.Option(
+        help="Fine-tuning steps for every subject (default: the paper's Table 3).")] = None,
+    finetune_mode: Annotated[str, typer.Option(help="full or lora.")] = "full",
+    finetune_precision: Annotated[str, typer.Option(help="bf16 or fp32.")] = "bf16",
+    dtype: Annotated[str, typer.Option(help="auto (float16 on a GPU), float32, float16 or bfloat16.")] = "auto",
+    dino: Annotated[str, typer.Option(help="DINO ViT-S/16: hub id or folder.")] = DEFAULT_DINO,
+    clip: Annotated[str, typer.Option(help="CLIP ViT-B/32: hub id or folder.")] = DEFAULT_CLIP,
+    dataset: Annotated[str, typer.Option(help="FiftyOne dataset of the catalog (empty: none).")] = "dreambench",
+    actors: Annotated[int, typer.Option(help="Generation actors on Ray (one model each; one per GPU, say).")] = 1,
+) -> None:
+    """Evaluate a model on DreamBench by the paper's protocol: generate, score, report and catalogue."""
+    from blipdiff.models.evaluation import EvalConfig
+    from pydantic import ValidationError
+
+    try:
+        config = EvalConfig(
+            model=model, dreambench=dreambench, out=out, mode=mode, subjects=subjects.split(",") if subjects else [],
+            prompts=prompts, images_per_prompt=images_per_prompt, steps=steps, guidance=guidance, seed_sets=seed_sets,
+            reference=reference, resolution=resolution, negative_prompt=negative_prompt, finetune_steps=finetune_steps,
+            finetune_mode=finetune_mode, finetune_precision=finetune_precision, dtype=dtype, dino=dino, clip=clip,
+            dataset=dataset, actors=actors)
+    except ValidationError as error:
+        raise _fail("; ".join(_validation_messages(error))) from error
+    from blipdiff.infra.report import run_with_progress
+    from blipdiff.models.evaluation import check_run_folder, plan, run_eval
+
+    try:
+        plan(config)  # refused input in one line, before the progress bar
+        check_run_folder(config)
+        summary = run_with_progress("subjects", lambda progress: run_eval(config, log=typer.echo, progress=progress))
+    except (ValueError, OSError) as error:  # DreamBenchError and CheckpointError are ValueErrors
+        raise _fail(str(error)) from error
+    means = summary["mean_over_subjects"]
+    typer.echo(f"{summary['subjects']} subjects, {summary['images']} images, mean over subjects: "
+               + ", ".join(f"{metric} {value:.4f}" for metric, value in means.items()))
+    typer.echo(f"report -> {out / 'report.md'}")
+    if "catalog" in summary:
+        typer.echo(f"FiftyOne dataset {summary['catalog']['dataset']!r}: `blipdiff app --dataset {summary['catalog']['dataset']}`")
+
+
 @app.command("serve")
 def serve_command(
     data: Annotated[Path, typer.Option(help="Data folder; Prefect's state lives in DATA/prefect without PREFECT_API_URL.")]

@@ -45,9 +45,10 @@ def _cell(ours: float, paper: float | None) -> str:
     return f"{ours:.3f}" if paper is None else f"{ours:.3f} ({paper:.3f}, {ours - paper:+.3f})"
 
 
-def write_report(scores: list[dict], mode: str, out: Path, title: str) -> Path:
+def write_report(scores: list[dict], mode: str, out: Path, title: str, spread: dict | None = None) -> Path:
     """``out/report.md`` and ``out/per_subject.png`` from the scored images of one run in ``mode``
-    (``zero-shot`` or ``finetuned``)."""
+    (``zero-shot`` or ``finetuned``); ``spread``: per metric, the mean and standard deviation of the
+    benchmark's score over seed sets (the paper's ± is over 10 seed sets)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -62,7 +63,10 @@ def write_report(scores: list[dict], mode: str, out: Path, title: str) -> Path:
              "(the paper's, the difference).\n", "| | DINO | CLIP-I | CLIP-T |", "| --- | ---: | ---: | ---: |",
              "| mean over subjects | " + " | ".join(_cell(means[m], paper_means[m]) for m in METRICS) + " |",
              "| pooled over images | " + " | ".join(f"{summary['pooled_mean'][m]:.3f}" for m in METRICS) + " |",
-             f"| real-photo oracle (paper) | {PAPER_ORACLE['dino']:.3f} | {PAPER_ORACLE['clip_i']:.3f} | |", ""]
+             f"| real-photo oracle (paper) | {PAPER_ORACLE['dino']:.3f} | {PAPER_ORACLE['clip_i']:.3f} | |"]
+    if spread is not None and all(spread[m]["std"] is not None for m in METRICS):
+        lines.append("| seed-set spread (std) | " + " | ".join(f"±{spread[m]['std']:.4f}" for m in METRICS) + " |")
+    lines.append("")
     table = "Table 4" if mode == "zero-shot" else "Table 5"
     lines += [f"## Per subject, beside the paper's {table}\n", "| subject | DINO | CLIP-I | CLIP-T |",
               "| --- | ---: | ---: | ---: |"]

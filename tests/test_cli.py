@@ -26,7 +26,7 @@ def test_help_lists_the_commands_without_importing_heavy_libraries():
     assert done.returncode == 0
     listed = set(re.findall(r"^│ ([a-z][\w-]*) {2,}", done.stdout, re.MULTILINE))
     assert listed == {"filter", "fetch", "build", "matte", "catalog", "app", "generate", "finetune", "encode-latents",
-                      "pretrain", "score", "serve", "server", "demo"}
+                      "pretrain", "score", "eval", "serve", "server", "demo"}
     probe = (
         "import sys, blipdiff.infra.cli; "
         "heavy = {'pandas', 'pyarrow', 'torch', 'transformers', 'diffusers', 'ray', 'prefect', 'fiftyone'}; "

@@ -1,0 +1,202 @@
+"""`blipdiff eval` on the real DreamBench with a tiny random model and small random metric models, on a real
+local Ray and a real FiftyOne database: the outputs, a kill and a rerun, the catalog and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from helpers import shared_path
+from PIL import Image
+from tiny_models import save_tiny_blip_diffusion, save_tiny_clip, save_tiny_dino
+from typer.testing import CliRunner
+
+from blipdiff.infra.cli import app
+from blipdiff.models.evaluation import image_seed
+
+SUBJECTS = ("dog", "vase")
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return {"model": str(save_tiny_blip_diffusion(root / "model")), "dino": str(save_tiny_dino(root / "dino")),
+            "clip": str(save_tiny_clip(root / "clip"))}
+
+
+@pytest.fixture(scope="module")
+def dreambench():
+    return shared_path("dreambench", "dataset")
+
+
+def arguments(models, dreambench, out, *extra: str) -> list[str]:
+    return ["eval", "--model", models["model"], "--dreambench", str(dreambench), "--out", str(out),
+            "--subjects", ",".join(SUBJECTS), "--prompts", "2", "--images-per-prompt", "2", "--steps", "12",
+            "--resolution", "32", "--dino", models["dino"], "--clip", models["clip"], *extra]
+
+
+@pytest.fixture(scope="module")
+def finished_run(ray_cluster, models, dreambench, fiftyone_database, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval") / "nightly-1"
+    result = CliRunner().invoke(app, arguments(models, dreambench, out, "--dataset", "eval-test"))
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_eval_writes_complete_consistent_outputs(finished_run, dreambench):
+    out = finished_run
+    generations = pd.read_parquet(out / "generations.parquet")
+    scores = pd.read_parquet(out / "scores.parquet")
+    assert len(generations) == len(scores) == 2 * 2 * 2
+    assert sorted(set(generations["subject"])) == list(SUBJECTS)
+    dog = generations[(generations["subject"] == "dog") & (generations["prompt_index"] == 0)].iloc[0]
+    assert (dog["class"], dog["prompt"], dog["context"], dog["kind"], bool(dog["live"])) == (
+        "dog", "a dog in the jungle", "in the jungle", "recontextualization", True)
+    for row in generations.itertuples():
+        assert row.seed == image_seed(row.seed_set, row.subject, row.prompt_index, row.image_index)
+        with Image.open(out / row.path) as image:
+            assert image.format == "PNG" and image.size == (32, 32)
+    assert len(set(generations["seed"])) == len(generations), "every image has a seed of its own"
+    assert {"model", "steps", "guidance", "resolution", "reference", "mode", "versions"} <= set(generations.columns)
+    assert set(generations["steps"]) == {12} and set(generations["mode"]) == {"zero-shot"}
+
+    assert set(scores.columns) >= {"subject", "prompt_index", "image_index", "prompt", "dino", "clip_i", "clip_t"}
+    summary = json.loads((out / "summary.json").read_text())
+    per_subject = scores.groupby("subject")[["dino", "clip_i", "clip_t"]].mean()
+    for metric in ("dino", "clip_i", "clip_t"):
+        assert summary["mean_over_subjects"][metric] == pytest.approx(per_subject[metric].mean(), abs=1e-12)
+        assert summary["pooled_mean"][metric] == pytest.approx(scores[metric].mean(), abs=1e-12)
+    assert summary["images"] == 8 and summary["images_made"] == 8 and summary["run_id"] == "nightly-1"
+    report = (out / "report.md").read_text()
+    assert "| mean over subjects |" in report and "Table 4" in report and (out / "per_subject.png").is_file()
+    journaled = [json.loads(line)["path"] for path in (out / "journal").glob("*.jsonl")
+                 for line in path.read_text().splitlines()]
+    assert sorted(journaled) == sorted(generations["path"])
+
+
+def test_score_on_the_run_gives_the_same_scores(finished_run, dreambench, models, tmp_path):
+    result = CliRunner().invoke(app, ["score", "--images", str(finished_run / "images" / "seed-set-0"),
+                                      "--dreambench", str(dreambench), "--out", str(tmp_path / "rescored"),
+                                      "--dino", models["dino"], "--clip", models["clip"]])
+    assert result.exit_code == 0, result.output
+    ours = pd.read_parquet(finished_run / "scores.parquet").sort_values(["subject", "prompt_index", "image_index"])
+    again = pd.read_parquet(tmp_path / "rescored" / "scores.parquet").sort_values(["subject", "prompt_index", "image_index"])
+    for metric in ("dino", "clip_i", "clip_t"):
+        assert again[metric].to_numpy() == pytest.approx(ours[metric].to_numpy(), abs=1e-6)
+
+
+def test_the_run_is_catalogued_once_with_scores_and_references(finished_run, dreambench):
+    import fiftyone as fo
+
+    from blipdiff.datasets.dreambench_catalog import catalog_evaluation
+
+    dataset = fo.load_dataset("eval-test")
+    generated = dataset.match_tags("generated")
+    assert len(generated) == 8
+    sample = generated.sort_by("dino").first()
+    scores = pd.read_parquet(finished_run / "scores.parquet")
+    assert sample.dino == pytest.approx(scores["dino"].min())
+    for name in ("run", "model", "checkpoint_step", "subject", "class_name", "prompt", "kind", "seed", "clip_i",
+                 "clip_t"):
+        assert dataset.has_sample_field(name)
+    assert sample.run == "nightly-1" and sample.subject in SUBJECTS and Path(sample.filepath).is_file()
+    references = dataset.match_tags("reference")
+    photos = [str(p.resolve()) for subject in SUBJECTS for p in sorted((dreambench / subject).glob("*.jpg"))]
+    assert sorted(references.values("filepath")) == sorted(photos)
+    assert set(dataset.list_saved_views()) >= {"lowest-dino", "lowest-clip-t", "per-subject", "latest-run", "by-run"}
+    assert dataset.load_saved_view("lowest-clip-t").first().clip_t == pytest.approx(scores["clip_t"].min())
+
+    again = catalog_evaluation(finished_run, "eval-test")
+    assert (again.added, again.removed, again.images) == (0, 0, 8)
+    assert len(dataset) == 8 + len(photos), "cataloguing again adds nothing"
+
+
+def kill_session(session: int) -> None:
+    """SIGKILL every process of the session: the command, its local Ray, and Ray's workers, which run in
+    process groups of their own."""
+    import psutil
+
+    for process in psutil.process_iter():
+        try:
+            if os.getsid(process.pid) == session:
+                process.kill()
+        except (ProcessLookupError, psutil.Error):
+            continue
+
+
+def test_a_killed_run_finishes_on_rerun_without_redoing_images(finished_run, models, dreambench, tmp_path):
+    out = tmp_path / "killed"
+    command = [str(Path(sys.executable).parent / "blipdiff"), *arguments(models, dreambench, out, "--dataset", "")]
+    environment = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    # A session of its own, so that the kill takes the command and its local Ray together.
+    run = subprocess.Popen(command, env=environment, start_new_session=True, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    journal = out / "journal" / "0-dog.jsonl"
+    while not (journal.is_file() and journal.read_text().count("\n") >= 1):
+        assert run.poll() is None, run.stderr.read().decode()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    kill_session(run.pid)
+    run.wait(timeout=60)
+    made = {json.loads(line)["path"]: (out / json.loads(line)["path"]).stat().st_mtime_ns
+            for path in (out / "journal").glob("*.jsonl") for line in path.read_text().splitlines() if line.endswith("}")}
+    assert 1 <= len(made) < 8, "the kill should land in the middle of the run"
+
+    again = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"{len(made)} already made, {8 - len(made)} to make" in again.stdout
+    journaled = [json.loads(line)["path"] for path in (out / "journal").glob("*.jsonl")
+                 for line in path.read_text().splitlines()]
+    assert len(journaled) == len(set(journaled)) == 8, "no image is made twice"
+    assert all((out / path).stat().st_mtime_ns == mtime for path, mtime in made.items())
+    reference = pd.read_parquet(finished_run / "generations.parquet")
+    for path in reference["path"]:
+        assert (out / path).read_bytes() == (finished_run / path).read_bytes(), "the same image as the uninterrupted run"
+    assert not list(out.rglob(".tmp-*"))
+
+
+def renamed_dog_bench(dreambench: Path, folder: Path) -> Path:
+    """DreamBench's layout with one subject, my_dog, which the paper's Table 3 does not list."""
+    (folder / "my_dog").mkdir(parents=True)
+    for photo in sorted((dreambench / "dog").glob("*.jpg"))[:2]:
+        (folder / "my_dog" / photo.name).write_bytes(photo.read_bytes())
+    text = (dreambench / "prompts_and_classes.txt").read_text()
+    (folder / "prompts_and_classes.txt").write_text("subject_name,class\nmy_dog,dog\n\n" + text[text.index("Prompts"):])
+    return folder
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--subjects", "dog,unicorn"], "no subject 'unicorn'"),
+    (["--reference", "MISSING"], "not all, first, or an existing file"),
+    (["--reference", "PHOTO"], "one photo serves one subject"),
+    (["--mode", "finetuned", "--subjects", "my_dog"], "Table 3 has no fine-tuning steps for my_dog"),
+    (["--prompts", "26"], "prompts"),
+    (["--model", "/nowhere/model"], "no such folder"),
+])
+def test_bad_input_is_refused_in_one_line(models, dreambench, tmp_path, extra, message):
+    bench = renamed_dog_bench(dreambench, tmp_path / "custom") if "my_dog" in extra else dreambench
+    substitutes = {"MISSING": str(tmp_path / "missing.png"), "PHOTO": str(sorted((dreambench / "dog").glob("*.jpg"))[0])}
+    result = CliRunner().invoke(app, arguments(models, bench, tmp_path / "out", *(substitutes.get(a, a) for a in extra)))
+    assert result.exit_code == 2
+    assert message in result.output and len(result.output.strip().splitlines()) == 1, result.output
+    assert not (tmp_path / "out").exists(), "a refused run leaves no run folder"
+
+
+def test_a_rerun_with_other_settings_is_refused(finished_run, models, dreambench):
+    result = CliRunner().invoke(app, arguments(models, dreambench, finished_run, "--guidance", "3"))
+    assert result.exit_code == 2 and "other settings (guidance)" in result.output, result.output
