@@ -8,32 +8,16 @@ again with the same parameters, goes on where the last one stopped. Artifacts: t
 
 from __future__ import annotations
 
-import base64
-import io
-from pathlib import Path
-
 from blipdiff.models.training.pretrain import PretrainConfig
 from blipdiff.tasks.stages import pretrain_task
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 
 
-def _inline_png(path: Path, width: int) -> str:
-    """The image as a markdown image the UI shows without a file server: a PNG data URI, ``width`` wide."""
-    from PIL import Image
-
-    with Image.open(path) as image:
-        image = image.convert("RGB")
-        image.thumbnail((width, width * image.height // image.width))
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return f"![{path.name}](data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()})"
-
-
 @flow(name="pretrain", log_prints=True)
 def pretrain_flow(parameters: PretrainConfig) -> dict:
     """Pre-train BLIP-Diffusion on built pairs (resuming the run folder's newest checkpoint)."""
-    from blipdiff.infra.report import plot_loss_curve
+    from blipdiff.infra.report import inline_png, plot_loss_curve
 
     progress = create_progress_artifact(progress=0.0, key="pretrain-progress", description="training steps done")
 
@@ -55,9 +39,9 @@ def pretrain_flow(parameters: PretrainConfig) -> dict:
         f"- last loss: {summary.final_loss:.4f}" if summary.final_loss is not None else "- no loss recorded",
     ]
     if curve is not None:
-        sections += ["\n## Loss\n", _inline_png(curve, 640)]
+        sections += ["\n## Loss\n", inline_png(curve, 640)]
     if grids:
-        sections += [f"\n## Validation, {grids[-1].stem}\n", f"`{grids[-1]}`\n", _inline_png(grids[-1], 768)]
+        sections += [f"\n## Validation, {grids[-1].stem}\n", f"`{grids[-1]}`\n", inline_png(grids[-1], 768)]
     create_markdown_artifact(key="pretrain-summary", markdown="\n".join(sections))
     return {"step": summary.step, "checkpoint": str(summary.checkpoint), "pairs": summary.pairs,
             "final_loss": summary.final_loss}

@@ -469,27 +469,67 @@ def serve_command(
         Path | None, typer.Option(help="JSON file of build_pairs parameters: the deployment's defaults.")
     ] = None,
     cron: Annotated[str | None, typer.Option(help="Schedule of the build_pairs deployment (cron).")] = None,
+    eval_parameters: Annotated[Path | None, typer.Option(
+        help="JSON file of dreambench_eval parameters (model or training_run, dreambench, eval_root, the protocol): "
+             "the deployment's defaults, which its schedule runs.")] = None,
+    eval_cron: Annotated[str | None, typer.Option(help='Nightly schedule of dreambench_eval (cron), e.g. "0 2 * * *".')]
+    = None,
+    timezone: Annotated[str, typer.Option(help="Time zone of the schedules (IANA name, e.g. Europe/Paris).")] = "UTC",
     name: Annotated[str, typer.Option(help="Deployment name.")] = "blipdiff",
 ) -> None:
-    """Serve the deployments of the flows (build_pairs, pretrain) so that the Prefect UI and schedules can run them."""
+    """Serve the deployments of the flows (build_pairs, pretrain, dreambench_eval) so that the Prefect UI and
+    schedules can run them."""
+    import zoneinfo
+
     from blipdiff.infra.prefect_home import use_project_prefect_home
     from pydantic import ValidationError
 
+    try:
+        zoneinfo.ZoneInfo(timezone)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError) as error:
+        raise _fail(f"--timezone {timezone}: not an IANA time zone") from error
+    if eval_cron is not None and eval_parameters is None:
+        raise _fail("--eval-cron needs --eval-parameters: a scheduled run has no one to fill in its form")
     use_project_prefect_home(data)
 
     from blipdiff.flows.build_pairs import BuildPairsParameters, build_pairs_flow
+    from blipdiff.flows.dreambench_eval import DreamBenchEvalParameters, dreambench_eval_flow
     from blipdiff.flows.pretrain import pretrain_flow
     from prefect import serve
+    from prefect.schedules import Cron
 
-    defaults = None
-    if parameters is not None:
+    def defaults(path: Path | None, model) -> dict | None:
+        if path is None:
+            return None
         try:
-            defaults = {"parameters": BuildPairsParameters.model_validate_json(parameters.read_text()).model_dump(mode="json")}
+            return {"parameters": model.model_validate_json(path.read_text()).model_dump(mode="json")}
         except (OSError, ValidationError) as error:
-            raise _fail(f"cannot use {parameters}: {error}") from error
+            raise _fail(f"cannot use {path}: {error}") from error
+
+    def schedules(expression: str | None) -> list:
+        return [Cron(expression, timezone=timezone)] if expression else []
+
+    build_defaults, eval_defaults = defaults(parameters, BuildPairsParameters), defaults(eval_parameters,
+                                                                                          DreamBenchEvalParameters)
     # Pre-training has no defaults to give: its form asks for the pairs, the starting checkpoint and the run folder.
-    serve(build_pairs_flow.to_deployment(name=name, parameters=defaults, cron=cron),
-          pretrain_flow.to_deployment(name=name))
+    serve(build_pairs_flow.to_deployment(name=name, parameters=build_defaults, schedules=schedules(cron)),
+          pretrain_flow.to_deployment(name=name),
+          dreambench_eval_flow.to_deployment(name=name, parameters=eval_defaults, schedules=schedules(eval_cron)))
+
+
+@app.command("pin-baseline")
+def pin_baseline_command(
+    eval_root: Annotated[Path, typer.Option(help="The evaluations' folder (dreambench_eval's eval_root).")],
+    run: Annotated[str, typer.Option(help="Run id (its folder's name) to compare every later run with.")],
+) -> None:
+    """Pin a DreamBench evaluation as the baseline that later comparable runs must not fall below."""
+    from blipdiff.models.evaluation_history import pin_baseline
+
+    try:
+        pin_baseline(eval_root, run)
+    except ValueError as error:
+        raise _fail(str(error)) from error
+    typer.echo(f"baseline -> {run} ({eval_root / 'baseline.json'})")
 
 
 @app.command("server")

@@ -142,3 +142,18 @@ def print_catalog_summary(summary: CatalogSummary, console: Console | None = Non
     console.print(table)
     console.print(f"saved views: {', '.join(summary.saved_views)}")
     console.print(f"open it: {summary.app_command()}")
+
+
+def inline_png(path: Path, width: int) -> str:
+    """The image as a markdown image the UI shows without a file server: a PNG data URI, ``width`` wide."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+        image.thumbnail((width, width * image.height // image.width))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return f"![{path.name}](data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()})"

@@ -132,3 +132,19 @@ def regressions(current: dict, history: list[dict], baseline: dict | None) -> li
                                             current[metric], limits[metric],
                                             _subjects(current, other, metric, 1, limits[metric])))
     return found
+
+
+def history_record(summary: dict, protocol: dict, run_folder: Path) -> dict:
+    """The history's row for a finished evaluation (its ``summary.json``) run under ``protocol``."""
+    spread = summary["spread"]
+    return {"run_id": summary["run_id"], "time": summary["created"], "model": summary["model"],
+            "checkpoint_step": summary["checkpoint_step"], "mode": summary["mode"], "fingerprint": fingerprint(protocol),
+            "run_folder": str(run_folder), "images": summary["images"],
+            **{metric: summary["mean_over_subjects"][metric] for metric in METRICS},
+            **{f"{metric}_seed_std": spread[metric]["std"] for metric in METRICS},
+            "per_subject": summary["per_subject"]}
+
+
+def comparable(history: list[dict], current: dict) -> list[dict]:
+    """The runs with the current run's fingerprint, oldest first."""
+    return sorted((row for row in history if row["fingerprint"] == current["fingerprint"]), key=lambda row: row["time"])

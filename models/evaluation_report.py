@@ -100,3 +100,25 @@ def write_report(scores: list[dict], mode: str, out: Path, title: str, spread: d
     with atomic_path(out / "report.md") as temp:
         temp.write_text("\n".join(lines), encoding="utf-8")
     return out / "report.md"
+
+
+def plot_trend(runs: list[dict], mode: str, target: Path) -> Path:
+    """The three metrics over comparable runs (oldest first), the paper's means as dashed reference lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 3, figsize=(12, 3.4), dpi=100)
+    labels = [row["run_id"] for row in runs]
+    for axis, metric, name in zip(axes, METRICS, ("DINO", "CLIP-I", "CLIP-T")):
+        axis.plot(range(len(runs)), [row[metric] for row in runs], marker="o", label="runs")
+        axis.axhline(PAPER_MEANS[mode][metric], linestyle="--", color="grey", label=f"paper ({mode})")
+        axis.set_xticks(range(len(runs)), labels, rotation=60, fontsize=6, ha="right")
+        axis.set_title(name)
+    axes[0].legend(fontsize=7)
+    figure.tight_layout()
+    with atomic_path(target) as temp:
+        figure.savefig(temp, format="png")
+    plt.close(figure)
+    return target

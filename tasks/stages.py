@@ -13,6 +13,7 @@ from blipdiff.datasets.build import BuildConfig, BuildSummary, build_pairs
 from blipdiff.datasets.catalog import CatalogConfig, CatalogSummary, catalog_pairs
 from blipdiff.datasets.fetch import FetchConfig, FetchSummary, fetch_images
 from blipdiff.datasets.openimages import FilterConfig, Funnel, run_filter
+from blipdiff.models.evaluation import EvalConfig
 from blipdiff.models.training.pretrain import PretrainConfig
 from prefect import task
 from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE, CachePolicy
@@ -94,3 +95,13 @@ def pretrain_task(config: PretrainConfig, on_progress: Callable[[dict], None] | 
     from blipdiff.models.training.distributed import run_pretrain
 
     return run_pretrain(config, on_progress=on_progress)
+
+
+# Not cached: the run folder's journal is its state, so a retry (a lost node) makes only the images that
+# were not finished, and scores and reports everything again.
+@task(name="dreambench eval", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=30,
+      retry_condition_fn=_not_bad_input)
+def eval_task(config: EvalConfig, on_progress: Callable[[int, int], None] | None = None) -> dict:
+    from blipdiff.models.evaluation import run_eval
+
+    return run_eval(config, progress=on_progress)

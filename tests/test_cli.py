@@ -26,7 +26,7 @@ def test_help_lists_the_commands_without_importing_heavy_libraries():
     assert done.returncode == 0
     listed = set(re.findall(r"^│ ([a-z][\w-]*) {2,}", done.stdout, re.MULTILINE))
     assert listed == {"filter", "fetch", "build", "matte", "catalog", "app", "generate", "finetune", "encode-latents",
-                      "pretrain", "score", "eval", "serve", "server", "demo"}
+                      "pretrain", "score", "eval", "pin-baseline", "serve", "server", "demo"}
     probe = (
         "import sys, blipdiff.infra.cli; "
         "heavy = {'pandas', 'pyarrow', 'torch', 'transformers', 'diffusers', 'ray', 'prefect', 'fiftyone'}; "
@@ -111,3 +111,26 @@ def test_demo_runs_the_bundled_sample_and_catalogues_it(fiftyone_database, tmp_p
     assert catalog.info["pairs_folder"] == str(demo.resolve())
     assert sorted(catalog.values("label")) == ["Cat", "Coffee cup", "Horse"]
     assert sorted(catalog.group_slices) == ["alpha", "composite", "input", "target", "trimap"]
+
+
+def test_serve_refuses_a_schedule_it_cannot_run(tmp_path):
+    unscheduled = blipdiff("serve", "--data", str(tmp_path), "--eval-cron", "0 2 * * *")
+    assert unscheduled.returncode == 2 and "--eval-cron needs --eval-parameters" in unscheduled.stderr
+    zone = blipdiff("serve", "--data", str(tmp_path), "--timezone", "Mars/Olympus")
+    assert zone.returncode == 2 and "not an IANA time zone" in zone.stderr
+    (tmp_path / "nightly.json").write_text(json.dumps({"eval_root": "evals", "dreambench": "bench"}))
+    incomplete = blipdiff("serve", "--data", str(tmp_path), "--eval-parameters", str(tmp_path / "nightly.json"),
+                          "--eval-cron", "0 2 * * *")
+    assert incomplete.returncode == 2 and "give model (a fixed model) or training_run" in incomplete.stderr
+    assert not (tmp_path / "prefect").exists()
+
+
+def test_pin_baseline_names_a_run_of_the_history(tmp_path):
+    from blipdiff.models.evaluation_history import append_run
+
+    refused = blipdiff("pin-baseline", "--eval-root", str(tmp_path), "--run", "nightly-1")
+    assert refused.returncode == 2 and "no run 'nightly-1'" in refused.stderr
+    append_run(tmp_path, {"run_id": "nightly-1", "time": "2026-11-26T02:00:00+00:00", "fingerprint": "f",
+                          "dino": 0.6, "clip_i": 0.78, "clip_t": 0.3, "per_subject": {}})
+    pinned = blipdiff("pin-baseline", "--eval-root", str(tmp_path), "--run", "nightly-1")
+    assert pinned.returncode == 0 and json.loads((tmp_path / "baseline.json").read_text()) == {"run_id": "nightly-1"}

@@ -110,10 +110,17 @@ def test_a_served_deployment_runs_when_triggered_with_parameters(prefect_server,
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL
 
+    from blipdiff.flows.dreambench_eval import DreamBenchEvalParameters
+
     photos, backgrounds, boxes, classes = demo_inputs
     environment = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
     blipdiff = Path(sys.executable).parent / "blipdiff"
-    server = subprocess.Popen([str(blipdiff), "serve", "--data", str(tmp_path / "data"), "--name", "test"],
+    nightly = DreamBenchEvalParameters(model="Salesforce/blipdiffusion", dreambench=tmp_path / "dreambench",
+                                       eval_root=tmp_path / "evals", subjects=["dog", "vase"], prompts=5)
+    (tmp_path / "nightly.json").write_text(nightly.model_dump_json())
+    server = subprocess.Popen([str(blipdiff), "serve", "--data", str(tmp_path / "data"), "--name", "test",
+                               "--eval-parameters", str(tmp_path / "nightly.json"), "--eval-cron", "0 2 * * *",
+                               "--timezone", "Europe/Paris"],
                               env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               start_new_session=True)
     try:
@@ -123,11 +130,17 @@ def test_a_served_deployment_runs_when_triggered_with_parameters(prefect_server,
                 try:
                     client.read_deployment_by_name("build_pairs/test")
                     client.read_deployment_by_name("pretrain/test")
+                    evaluation = client.read_deployment_by_name("dreambench_eval/test")
                     break
                 except Exception:
                     assert time.monotonic() < deadline, "the deployment never appeared"
                     assert server.poll() is None, server.stderr.read().decode()
                     time.sleep(1)
+        # The nightly evaluation, read back through Prefect's API: its cron, time zone and form defaults.
+        [schedule] = evaluation.schedules
+        assert (schedule.schedule.cron, schedule.schedule.timezone, schedule.active) == ("0 2 * * *", "Europe/Paris", True)
+        assert evaluation.parameters["parameters"]["subjects"] == ["dog", "vase"]
+        assert evaluation.parameters["parameters"]["model"] == "Salesforce/blipdiffusion"
         parameters = BuildPairsParameters(boxes=boxes, classes=classes, backgrounds=backgrounds,
                                           data=tmp_path / "triggered", from_dir=photos)
         run = run_deployment("build_pairs/test", parameters={"parameters": parameters.model_dump(mode="json")},
@@ -217,3 +230,63 @@ def test_the_pretrain_flow_trains_and_reports(prefect_server, ray_cluster, tmp_p
     assert "step-0000004" in summary and (tmp_path / "run" / "loss.png").is_file()
     # Triggered again, it finds the run finished and trains nothing.
     assert pretrain_flow(parameters) == result
+
+
+def checkpointed_run(folder, step: int):
+    """A `blipdiff pretrain` run folder with one complete checkpoint (a tiny random model) at ``step``."""
+    import json
+
+    from tiny_models import save_tiny_blip_diffusion
+
+    from blipdiff.models.training.pretrain import CHECKPOINTS, STATE_FILE, TRAINING_STATE, checkpoint_name
+
+    checkpoint = save_tiny_blip_diffusion(folder / CHECKPOINTS / checkpoint_name(step))
+    (checkpoint / TRAINING_STATE).mkdir()
+    (checkpoint / TRAINING_STATE / STATE_FILE).write_text(json.dumps({"step": step}))
+    # A checkpoint still being written has no state file: never the one evaluated.
+    (folder / CHECKPOINTS / checkpoint_name(step + 10)).mkdir()
+    return folder
+
+
+def test_the_dreambench_eval_flow_evaluates_the_newest_checkpoint_and_fails_on_a_regression(
+        prefect_server, ray_cluster, fiftyone_database, tmp_path):
+    from helpers import shared_path
+    from prefect.artifacts import Artifact
+    from tiny_models import save_tiny_clip, save_tiny_dino
+
+    from blipdiff.flows.dreambench_eval import DreamBenchEvalParameters, dreambench_eval_flow
+    from blipdiff.models.evaluation_history import append_run, pin_baseline, read_history
+
+    run = checkpointed_run(tmp_path / "stage2", step=10)
+    root = tmp_path / "evals"
+    parameters = DreamBenchEvalParameters(
+        training_run=run, eval_root=root, dreambench=shared_path("dreambench", "dataset"), subjects=["dog", "teapot"],
+        prompts=1, images_per_prompt=2, steps=2, resolution=32, dino=str(save_tiny_dino(tmp_path / "dino")),
+        clip=str(save_tiny_clip(tmp_path / "clip")), dataset="flow-dreambench")
+    state = dreambench_eval_flow(parameters, return_state=True)
+    assert state.is_completed(), state
+    first = read_history(root)
+    assert len(first) == 1 and first[0]["checkpoint_step"] == 10 and first[0]["images"] == 4
+    assert first[0]["model"] == str((run / "checkpoints" / "step-0000010").resolve())
+    run_folder = root / first[0]["run_id"]
+    assert first[0]["run_id"].endswith("-step10") and (run_folder / "report.md").is_file()
+    report = str(Artifact.get("dreambench-eval").data)
+    assert "REGRESSED" not in report and "## Trend (comparable runs)" in report and "](data:image/png;base64," in report
+    assert "FiftyOne dataset `flow-dreambench`" in report and str(run_folder) in report
+    assert float(Artifact.get("dreambench-progress").data) == 100.0
+    pin_baseline(root, first[0]["run_id"])
+
+    # A better run before this one: the next run falls from it, by far more than seed noise.
+    import datetime
+
+    now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    better = {**first[0], "run_id": "better", "time": now, "dino": first[0]["dino"] + 0.2,
+              "per_subject": {s: {**v, "dino": v["dino"] + 0.2} for s, v in first[0]["per_subject"].items()}}
+    append_run(root, better)
+    regressed = dreambench_eval_flow(parameters, return_state=True)
+    assert regressed.is_failed(), regressed
+    assert "DreamBench regressed: dino dropped" in regressed.message
+    report = str(Artifact.get("dreambench-eval").data)
+    assert "# dreambench_eval REGRESSED" in report and "against the previous run better" in report
+    assert "dog" in report.split("## What regressed")[1]
+    assert len(read_history(root)) == 3
