@@ -555,29 +555,19 @@ def server_command(
 def demo_command(
     out: Annotated[Path, typer.Option(help="Folder for the demo's outputs.")] = Path("blipdiff-demo"),
     dataset: Annotated[
-        str, typer.Option(help="FiftyOne dataset that catalogues the pairs (made anew by every demo run).")
+        str, typer.Option(help="FiftyOne dataset that catalogues the pairs (made anew by every demo run); the "
+                               "evaluations go to DATASET-dreambench.")
     ] = "blipdiff-demo",
 ) -> None:
-    """Run the build_pairs flow on the bundled sample with the weight-free backends (no weights, no network)."""
+    """The whole chain on the bundled sample, no weights, no network: build_pairs, a short pretrain of a small
+    random BLIP-Diffusion, and dreambench_eval on a small benchmark in DreamBench's layout."""
     from blipdiff.infra.prefect_home import use_project_prefect_home
 
     home = use_project_prefect_home(out)
 
-    from blipdiff.datasets.samples import demo_annotations, write_demo_photos
-    from blipdiff.flows.build_pairs import BuildPairsParameters, build_pairs_flow
+    from blipdiff.infra.demo import run_demo
 
-    boxes, classes = demo_annotations()
-    photos, backgrounds = out / "sample" / "photos", out / "sample" / "backgrounds"
-    photos.mkdir(parents=True, exist_ok=True)
-    backgrounds.mkdir(parents=True, exist_ok=True)
-    write_demo_photos(photos, backgrounds)
-    parameters = BuildPairsParameters(boxes=boxes, classes=classes, backgrounds=backgrounds, data=out,
-                                      from_dir=photos, dataset=dataset, replace_catalog=True)
-    result = build_pairs_flow(parameters)
-    pairs = (out / "pairs.parquet").resolve()
-    typer.echo(f"\n{result['pairs']} pairs -> {pairs}")
-    typer.echo(f"subjects -> {(out / 'subjects').resolve()}; images -> {(out / 'images').resolve()}")
-    typer.echo(f"FiftyOne dataset {dataset!r}: `blipdiff app --dataset {dataset}`, then open http://127.0.0.1:5151")
+    run_demo(out, dataset, log=typer.echo)
     if home is not None:
         typer.echo(f"Prefect runs are kept in {home}: `blipdiff server --data {out}`, then open http://127.0.0.1:4200")
 

@@ -83,7 +83,7 @@ def test_filter_errors_are_clear_and_leave_no_output(tmp_path):
     assert not out.exists()
 
 
-def test_demo_runs_the_bundled_sample_and_catalogues_it(fiftyone_database, tmp_path):
+def test_demo_runs_the_whole_chain_on_the_bundled_sample(fiftyone_database, tmp_path):
     import fiftyone as fo
 
     # The demo of another checkout catalogued its own folder under the same name: this demo replaces it.
@@ -111,6 +111,17 @@ def test_demo_runs_the_bundled_sample_and_catalogues_it(fiftyone_database, tmp_p
     assert catalog.info["pairs_folder"] == str(demo.resolve())
     assert sorted(catalog.values("label")) == ["Cat", "Coffee cup", "Horse"]
     assert sorted(catalog.group_slices) == ["alpha", "composite", "input", "target", "trimap"]
+
+    # Then a short pre-training of a random model and a DreamBench evaluation of its newest checkpoint.
+    from blipdiff.models.evaluation_history import read_history
+
+    assert "RANDOM WEIGHTS" in done.stdout and "blipdiff eval --model Salesforce/blipdiffusion" in done.stdout
+    assert (demo / "pretrain" / "checkpoints" / "step-0000006" / "model_index.json").is_file()
+    [evaluation] = read_history(demo / "evals")
+    assert evaluation["checkpoint_step"] == 6 and evaluation["images"] == 3 * 3 * 2
+    assert (demo / "evals" / evaluation["run_id"] / "report.md").is_file()
+    generations = fo.load_dataset("blipdiff-demo-dreambench")
+    assert len(generations.match_tags("generated")) == 18 and len(generations.match_tags("reference")) == 9
 
 
 def test_serve_refuses_a_schedule_it_cannot_run(tmp_path):
