@@ -72,3 +72,19 @@ def test_the_gpu_train_benchmark_runs_end_to_end_on_the_cpu():
     assert all(float(rate) > 0 for _, _, rate in rows)
     assert "8 DreamBench photos as pairs" in done.stdout
     assert done.stdout.strip().splitlines()[-1].startswith("goal: at least 60 samples/s on one H100")
+
+
+def test_the_gpu_dreambench_benchmark_runs_end_to_end_on_the_cpu():
+    pytest.importorskip("ray")
+    photos = shared_path("dreambench", "dataset")
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_dreambench.py"), "--device", "cpu", "--tiny",
+                           "--no-record", "--subjects", "2", "--prompts", "1", "--images-per-prompt", "2", "--steps", "2",
+                           "--resolution", "32", "--finetune-steps", "2", "--photos", str(photos)],
+                          capture_output=True, text=True, timeout=600, cwd=REPO / "bench",
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line.split("|")[1:4] for line in done.stdout.splitlines() if line.startswith(("| zero-shot |", "| finetuned |"))]
+    assert {(mode.strip(), subjects.strip(), images.strip()) for mode, subjects, images in rows} == \
+        {("zero-shot", "2", "4"), ("finetuned", "2", "4")}, done.stdout
+    assert done.stdout.strip().splitlines()[-1].startswith("goal: zero-shot under 25 min, finetuned under 30 min")
+    assert "not assessed" in done.stdout
