@@ -43,6 +43,15 @@ def fiftyone_database() -> str:
     foo.get_db_client().drop_database(name)
 
 
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local Ray of two CPUs for a test module; the stages under test join it (``connect_ray``)."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
 @pytest.fixture
 def class_file(tmp_path: Path) -> Path:
     path = tmp_path / "classes.csv"

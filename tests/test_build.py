@@ -23,14 +23,6 @@ BOXES = {"dog": (0.1, 0.9, 0.05, 0.95), "cat": (0.0, 0.95, 0.3, 0.98), "teapot":
          "backpack": (0.2, 0.75, 0.15, 0.9), "vase": (0.05, 0.6, 0.05, 0.95)}
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
 def image_id(name: str) -> str:
     return hashlib.md5(name.encode()).hexdigest()[:16]
 

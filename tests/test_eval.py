@@ -24,14 +24,6 @@ SUBJECTS = ("dog", "vase")
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     return {"model": str(save_tiny_blip_diffusion(root / "model")), "dino": str(save_tiny_dino(root / "dino")),

@@ -27,14 +27,6 @@ def demo_inputs(tmp_path):
     return (photos, backgrounds, *demo_annotations())
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def test_build_pairs_flow_runs_filter_fetch_build_catalog_and_reports(prefect_server, ray_cluster, demo_inputs,
                                                                        fiftyone_database, tmp_path):
     from prefect.artifacts import Artifact

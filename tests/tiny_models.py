@@ -14,8 +14,6 @@ from blipdiff.models.random_models import (  # noqa: F401  (re-exported for the 
     NUM_QUERY_TOKENS,
     SUBJECT_VOCAB,
     clip_tokenizer,
-    fixed_clip_tokenizer,
-    perturb,
     save_tiny_blip_diffusion,
     save_tiny_clip,
     save_tiny_dino,
