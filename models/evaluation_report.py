@@ -110,11 +110,13 @@ def plot_trend(runs: list[dict], mode: str, target: Path) -> Path:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, 3, figsize=(12, 3.4), dpi=100)
-    labels = [row["run_id"] for row in runs]
+    # When each run ran, and the training step it evaluated: shorter than run ids, and what a trend is read by.
+    labels = [str(row["time"])[5:16].replace("T", " ") + ("" if row.get("checkpoint_step") is None
+                                                          else f"\nstep {row['checkpoint_step']:,}") for row in runs]
     for axis, metric, name in zip(axes, METRICS, ("DINO", "CLIP-I", "CLIP-T")):
         axis.plot(range(len(runs)), [row[metric] for row in runs], marker="o", label="runs")
         axis.axhline(PAPER_MEANS[mode][metric], linestyle="--", color="grey", label=f"paper ({mode})")
-        axis.set_xticks(range(len(runs)), labels, rotation=60, fontsize=6, ha="right")
+        axis.set_xticks(range(len(runs)), labels, rotation=45, fontsize=7, ha="right")
         axis.set_title(name)
     axes[0].legend(fontsize=7)
     figure.tight_layout()
