@@ -1,9 +1,12 @@
-"""A screenshot of the FiftyOne App showing one group of the demo's catalogue: the cat's pair.
+"""Screenshots of the FiftyOne App: one group of the demo's pairs catalogue (the cat's pair), and the
+generated image of the demo's evaluation with the lowest DINO, with its scores, in the DreamBench catalogue.
 
     python infra/screenshot_fiftyone_app.py [--data /tmp/blipdiff-app] [--dataset blipdiff-demo] [--port 5252]
 
-Runs `blipdiff demo` (which catalogues its pairs), starts `blipdiff app` on 127.0.0.1, and has headless
-Chromium (Debian's `chromium`) capture the group of the cat's pair into docs/img/. Everything it starts, it stops.
+Runs `blipdiff demo` (which catalogues its pairs into DATASET and its evaluation into DATASET-dreambench),
+starts `blipdiff app` on 127.0.0.1, and has headless Chromium (Debian's `chromium`) capture into docs/img/
+the group of the cat's pair, and the saved view `lowest-dino` with that image open in the sample modal.
+Everything it starts, it stops.
 """
 
 from __future__ import annotations
@@ -31,6 +34,16 @@ def cat_group_id(dataset_name: str) -> str:
     return fo.load_dataset(dataset_name).match(F("label") == "Cat").first().group.id
 
 
+def lowest_dino_sample_id(dataset_name: str) -> str:
+    """The lowest-DINO image of the run the demo just catalogued: the catalogue keeps earlier runs (other
+    demos' too), whose folders may be gone."""
+    from blipdiff.datasets.catalog import import_fiftyone
+
+    fo = import_fiftyone()
+
+    return fo.load_dataset(dataset_name).load_saved_view("latest-run").sort_by("dino").first().id
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "blipdiff-app")
@@ -43,6 +56,9 @@ def main() -> None:
     if demo.returncode != 0:
         sys.exit(f"the demo failed:\n{demo.stderr[-3000:]}")
     group = cat_group_id(args.dataset)
+    evaluations = f"{args.dataset}-dreambench"
+    sample = lowest_dino_sample_id(evaluations)
+    # One App for both: a page's path names its dataset.
     app = subprocess.Popen([str(BLIPDIFF), "app", "--dataset", args.dataset, "--port", str(args.port)],
                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -52,6 +68,9 @@ def main() -> None:
         # Wide enough that the group's carousel shows all five slices.
         screenshot(chromium, f"{base}/datasets/{args.dataset}?groupId={group}", IMAGES / "fiftyone-catalog-group.png",
                    size="1920,1000")
+        # Tall enough that the modal's sidebar reaches the scores.
+        screenshot(chromium, f"{base}/datasets/{evaluations}?view=lowest-dino&id={sample}",
+                   IMAGES / "fiftyone-dreambench.png", size="1600,1700")
     finally:
         os.killpg(app.pid, signal.SIGTERM)
         app.wait(timeout=60)

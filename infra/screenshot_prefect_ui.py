@@ -1,10 +1,11 @@
-"""Screenshots of the Prefect UI with blipdiff's deployments and a completed build_pairs run.
+"""Screenshots of the Prefect UI: blipdiff's deployments, a completed build_pairs run and a dreambench_eval run.
 
     python infra/screenshot_prefect_ui.py [--data /tmp/blipdiff-ui] [--port 4311]
 
-Starts `blipdiff server` on 127.0.0.1, serves the deployments with `blipdiff serve`, runs the demo
-against that server, then has headless Chromium (Debian's `chromium`) capture the deployments page
-and the completed run into docs/img/. Everything it starts, it stops.
+Starts `blipdiff server` on 127.0.0.1, serves the deployments with `blipdiff serve` (dreambench_eval on a
+nightly schedule, Europe/Paris), runs the demo against that server, then has headless Chromium (Debian's
+`chromium`) capture into docs/img/ the deployments page, the completed build_pairs run and the markdown
+artifact of the completed dreambench_eval run (its trend table and plot). Everything it starts, it stops.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
+from blipdiff.flows.dreambench_eval import DreamBenchEvalParameters
 from blipdiff.infra.screenshots import IMAGES, find_chromium, screenshot, wait_for
 
 BLIPDIFF = Path(sys.executable).parent / "blipdiff"
@@ -28,6 +30,37 @@ def post(url: str, body: dict) -> list:
     request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=30) as response:
         return json.loads(response.read())
+
+
+def write_eval_parameters(data: Path) -> Path:
+    """The nightly dreambench_eval's defaults: the demo's run and benchmark (serving needs no path to exist)."""
+    demo = data / "demo"
+    parameters = DreamBenchEvalParameters(
+        training_run=demo / "pretrain", eval_root=demo / "evals", dreambench=demo / "sample" / "dreambench",
+        prompts=3, images_per_prompt=2, steps=10, resolution=32, dino=str(demo / "models" / "dino"),
+        clip=str(demo / "models" / "clip"))
+    target = data / "nightly-eval.json"
+    target.write_text(parameters.model_dump_json(indent=2))
+    return target
+
+
+def latest_completed_run(api: str, flow_name: str) -> dict:
+    # By flow name: the demo runs three flows, and each screenshot shows one of them.
+    runs = post(f"{api}/flow_runs/filter", {"flows": {"name": {"any_": [flow_name]}},
+                                             "flow_runs": {"state": {"type": {"any_": ["COMPLETED"]}}},
+                                             "sort": "END_TIME_DESC", "limit": 1})
+    if not runs:
+        sys.exit(f"no completed {flow_name} run to show")
+    return runs[0]
+
+
+def artifact_id(api: str, flow_run: dict, key: str) -> str:
+    artifacts = post(f"{api}/artifacts/filter", {"artifacts": {"key": {"any_": [key]},
+                                                                "flow_run_id": {"any_": [flow_run["id"]]}},
+                                                  "sort": "CREATED_DESC", "limit": 1})
+    if not artifacts:
+        sys.exit(f"flow run {flow_run['name']} has no {key} artifact")
+    return artifacts[0]["id"]
 
 
 def main() -> None:
@@ -49,21 +82,27 @@ def main() -> None:
                                         env=server_env, start_new_session=True, stdout=server_log,
                                         stderr=subprocess.STDOUT))
         wait_for(f"{api}/health", 180)
-        started.append(subprocess.Popen([str(BLIPDIFF), "serve", "--data", str(args.data), "--cron", "0 2 * * *"],
+        started.append(subprocess.Popen([str(BLIPDIFF), "serve", "--data", str(args.data), "--cron", "0 2 * * *",
+                                         "--eval-parameters", str(write_eval_parameters(args.data)),
+                                         "--eval-cron", "0 2 * * *", "--timezone", "Europe/Paris"],
                                         env=environment, start_new_session=True, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.DEVNULL))
-        demo = subprocess.run([str(BLIPDIFF), "demo", "--out", str(args.data / "demo")], env=environment,
-                              capture_output=True, text=True, timeout=900)
-        if demo.returncode != 0:
-            sys.exit(f"the demo failed:\n{demo.stderr[-3000:]}")
-        runs = post(f"{api}/flow_runs/filter", {"flow_runs": {"state": {"type": {"any_": ["COMPLETED"]}}},
-                                                 "sort": "END_TIME_DESC", "limit": 1})
-        if not runs:
-            sys.exit("no completed flow run to show")
+        # Twice, as two nights would: the second evaluation has a trend of two runs and per-subject deltas.
+        for _ in range(2):
+            demo = subprocess.run([str(BLIPDIFF), "demo", "--out", str(args.data / "demo")], env=environment,
+                                  capture_output=True, text=True, timeout=900)
+            if demo.returncode != 0:
+                sys.exit(f"the demo failed:\n{demo.stderr[-3000:]}")
+        build_pairs = latest_completed_run(api, "build_pairs")
+        evaluation = artifact_id(api, latest_completed_run(api, "dreambench_eval"), "dreambench-eval")
         IMAGES.mkdir(parents=True, exist_ok=True)
         base = f"http://127.0.0.1:{args.port}"
         screenshot(chromium, f"{base}/deployments", IMAGES / "prefect-deployments.png")
-        screenshot(chromium, f"{base}/runs/flow-run/{runs[0]['id']}", IMAGES / "prefect-build-pairs-run.png")
+        screenshot(chromium, f"{base}/runs/flow-run/{build_pairs['id']}", IMAGES / "prefect-build-pairs-run.png")
+        # The flow run's page opens on its logs; the artifact's page renders the markdown, beside the flow run
+        # it belongs to. Tall enough for the trend table, the plot and the per-subject deltas.
+        screenshot(chromium, f"{base}/artifacts/artifact/{evaluation}", IMAGES / "prefect-dreambench-eval-run.png",
+                   size="1440,1200")
     finally:
         for process in reversed(started):
             os.killpg(process.pid, signal.SIGTERM)
