@@ -192,3 +192,25 @@ def test_bad_input_is_refused_in_one_line(models, dreambench, tmp_path, extra, m
 def test_a_rerun_with_other_settings_is_refused(finished_run, models, dreambench):
     result = CliRunner().invoke(app, arguments(models, dreambench, finished_run, "--guidance", "3"))
     assert result.exit_code == 2 and "other settings (guidance)" in result.output, result.output
+
+
+def test_the_zero_shot_reference_is_every_photo_the_first_or_a_file(models, dreambench, tmp_path):
+    from blipdiff.models.evaluation import EvalConfig, plan, reference_photos
+
+    dog = sorted((dreambench / "dog").glob("*.jpg"))
+    vase = sorted((dreambench / "vase").glob("*.jpg"))
+
+    def photos(reference: str, subjects=SUBJECTS) -> dict[str, list]:
+        config = EvalConfig(model=models["model"], dreambench=dreambench, out=tmp_path / "run", subjects=list(subjects),
+                            reference=reference)
+        _, chosen, _ = plan(config)
+        return {subject.name: reference_photos(config, subject) for subject in chosen}
+
+    assert photos("all") == {"dog": dog, "vase": vase}
+    assert photos("first") == {"dog": dog[:1], "vase": vase[:1]}
+    assert photos(str(dog[2]), ["dog"]) == {"dog": [dog[2]]}
+    (tmp_path / "chosen.csv").write_text(f"dog,{dog[1].name}\nvase,{vase[3]}\n")
+    assert photos(str(tmp_path / "chosen.csv")) == {"dog": [dog[1]], "vase": [vase[3]]}
+    (tmp_path / "partial.csv").write_text(f"dog,{dog[1].name}\n")
+    with pytest.raises(ValueError, match="no photo for vase"):
+        photos(str(tmp_path / "partial.csv"))
