@@ -16,6 +16,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from blipdiff.infra.atomic import atomic_folder
+
 RELEASED = """With the released weights (downloaded once from the Hugging Face hub) and DreamBench
 (github.com/google/dreambooth, its dataset/ folder), the same flows run as:
   blipdiff pretrain --pairs DATA --init Salesforce/blipdiffusion --out runs/stage2 [--reset-from-sd runwayml/stable-diffusion-v1-5]
@@ -33,8 +35,6 @@ def random_models(folder: Path) -> dict[str, Path]:
     for name, build in builders.items():
         target = folder / name
         if not target.is_dir():
-            from blipdiff.infra.atomic import atomic_folder
-
             with atomic_folder(target) as staging:
                 build(staging)
         models[name] = target.resolve()

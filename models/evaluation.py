@@ -91,7 +91,9 @@ class EvalSettings(BaseModel):
     @field_validator("dataset")
     @classmethod
     def _dataset(cls, value: str | None) -> str | None:
-        return value.strip() or None if value is not None else None
+        if value is None or not value.strip():
+            return None
+        return value.strip()
 
     def protocol(self) -> dict:
         """What makes two evaluations comparable (the history's fingerprint): everything but the model,
