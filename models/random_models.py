@@ -117,8 +117,31 @@ def _tiny_blip_diffusion_modules(qformer_config, text_config) -> dict[str, torch
             "unet": unet, "vae": vae}
 
 
+def tiny_controlnet(seed: int = 0):
+    """A random ControlNet for the tiny U-Net (its blocks, a conditioning embedding that downscales by 2
+    like the tiny VAE), every weight perturbed: the zero-initialised output convolutions too, which a
+    fresh ControlNet has and which would make it change nothing."""
+    import diffusers
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = diffusers.ControlNetModel(
+            in_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), cross_attention_dim=32, attention_head_dim=4,
+            norm_num_groups=8, conditioning_embedding_out_channels=(8, 16))
+    perturb(net, torch.Generator().manual_seed(seed + 1))
+    return net.eval()
+
+
+def save_tiny_controlnet(folder: Path, seed: int = 0) -> Path:
+    """A tiny ControlNet in a Stable Diffusion ControlNet's own layout (config.json and safetensors at the root)."""
+    tiny_controlnet(seed).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
 def save_tiny_blip_diffusion(folder: Path, weights: str = "safetensors", tokenizer_entry: Path | None = None,
-                             tokenizer_copy: bool = True, seed: int = 0, qformer_dropout: float = 0.1) -> Path:
+                             tokenizer_copy: bool = True, seed: int = 0, qformer_dropout: float = 0.1,
+                             controlnet: bool = False) -> Path:
     """A random BLIP-Diffusion in the released checkpoint's layout, written file by file as the hub has
     it (not by blipdiff's save_pretrained): 32x32 reference images, 4 query tokens, hidden sizes 16-32,
     a U-Net and VAE that downscale by 2. ``weights``: "safetensors" or "bin" (pickled, as on the hub).
@@ -190,5 +213,8 @@ def save_tiny_blip_diffusion(folder: Path, weights: str = "safetensors", tokeniz
              "qformer": ["blip_diffusion", "Blip2QFormerModel"], "scheduler": ["diffusers", "PNDMScheduler"],
              "text_encoder": ["blip_diffusion", "ContextCLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
              "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
+    if controlnet:
+        tiny_controlnet(seed).save_pretrained(folder / "controlnet", safe_serialization=weights == "safetensors")
+        index["controlnet"] = ["diffusers", "ControlNetModel"]
     (folder / "model_index.json").write_text(json.dumps(index))
     return folder

@@ -16,8 +16,10 @@ from blipdiff.models.random_models import (  # noqa: F401  (re-exported for the 
     clip_tokenizer,
     save_tiny_blip_diffusion,
     save_tiny_clip,
+    save_tiny_controlnet,
     save_tiny_dino,
     subject_tokenizer,
+    tiny_controlnet,
 )
 
 

@@ -207,6 +207,23 @@ def load_diffusers_model(model_class: type, root: Path, component: str, dtype: t
     return model.eval()
 
 
+def load_controlnets(root: Path, index: Mapping[str, Any], dtype: torch.dtype) -> nn.Module | None:
+    """The ControlNet that ``model_index.json`` lists (the official layout's ``controlnet/``), or several
+    (``MultiControlNetModel``: ``controlnet/``, ``controlnet_1/``, ... as diffusers saves them); None when
+    it lists none."""
+    import diffusers
+    from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
+
+    if "controlnet" not in index:
+        return None
+    if index["controlnet"][1] != "MultiControlNetModel":
+        return load_diffusers_model(diffusers.ControlNetModel, root, "controlnet", dtype)
+    names = ["controlnet"]
+    while (root / f"controlnet_{len(names)}").is_dir():
+        names.append(f"controlnet_{len(names)}")
+    return MultiControlNetModel([load_diffusers_model(diffusers.ControlNetModel, root, name, dtype) for name in names])
+
+
 def load_subject_tokenizer(root: Path, qformer_config: Mapping[str, Any]):
     """The Q-Former's WordPiece tokenizer with ``[DEC]`` added, from the first source that works:
     ``qformer/config.json``'s ``tokenizer`` entry (as the released pipeline reads it), the checkpoint's
