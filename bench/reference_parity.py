@@ -75,7 +75,8 @@ LAVIS_NEGATIVE = ("over-exposure, under-exposure, saturated, duplicate, out of f
 
 def _case(name: str, prompt: str | list[str], image: str | list[str], source: str | list[str],
           target: str | list[str], guidance: float, height: int, width: int, steps: int, seed: int,
-          negative: str = "", crop: tuple[int, int, int, int] | None = None) -> dict[str, Any]:
+          negative: str = "", crop: tuple[int, int, int, int] | None = None, control: str | None = None,
+          control_crop: tuple[int, int, int, int] | None = None) -> dict[str, Any]:
     """One call. Lists for ``prompt``, ``image``, ``source`` and ``target``, one entry per prompt, make a
     batch case (reference_side.is_batch): image i uses reference photo i and categories i."""
     if isinstance(prompt, list) and not all(isinstance(v, list) and len(v) == len(prompt) > 1
@@ -84,7 +85,13 @@ def _case(name: str, prompt: str | list[str], image: str | list[str], source: st
     case = {"name": name, "prompt": prompt, "reference_image": image, "source_subject": source,
             "target_subject": target, "guidance_scale": guidance, "height": height, "width": width,
             "num_inference_steps": steps, "seed": seed, "negative_prompt": negative}
-    return case | {"crop": list(crop)} if crop else case
+    if crop:
+        case["crop"] = list(crop)
+    if control:
+        case["control_image"] = control
+    if control_crop:
+        case["control_crop"] = list(control_crop)
+    return case
 
 
 # Reference images are paths under the DreamBench dataset folder. dog_guided_32 and dog_other_photo_32
@@ -106,6 +113,12 @@ CASES = [
     # first image is dog_guided_32's call.
     _case("dog_cat_batch_32", ["in the jungle", "on a red sofa"], ["dog/00.jpg", "cat/01.jpg"], ["dog", "cat"],
           ["dog", "cat"], 7.5, 32, 32, 6, 0),
+    # The ControlNet pipeline (the checkpoint's own ControlNet): dog_guided_32's call under the control of a
+    # wide cut of another photo, then unguided at a size that is not square.
+    _case("dog_controlnet_32", "in the jungle", "dog/00.jpg", "dog", "dog", 7.5, 32, 32, 6, 0,
+          control="cat/02.jpg", control_crop=(0, 200, 1282, 900)),
+    _case("can_controlnet_unguided_48x40", "on the beach", "can/00.jpg", "can", "can", 1.0, 48, 40, 4, 5,
+          control="backpack/01.jpg"),
 ]
 
 
@@ -133,13 +146,15 @@ class Mode:
     photo_pair: tuple[str, str]  # two cases that differ only in the reference photo
     guidance_pair: tuple[str, str]  # two cases that differ only in the guidance scale
     batch_case: str  # a batch case of two prompts with different reference photos
+    control_pair: tuple[str, str] | None = None  # two cases that differ only in the ControlNet's control
 
 
 TINY_MODE = Mode(
     "BLIP-Diffusion parity with the reference pipeline (tiny random checkpoint)", "tiny",
     f"tiny random BLIP-Diffusion built by the reference ({TINY.image_size}² subject images, {TINY.num_query_tokens} "
     f"query tokens, hidden {TINY.text_hidden}, U-Net and VAE of two blocks)",
-    CASES, ("dog_guided_32", "dog_other_photo_32"), ("dog_guided_32", "dog_unguided_32"), "dog_cat_batch_32")
+    CASES, ("dog_guided_32", "dog_other_photo_32"), ("dog_guided_32", "dog_unguided_32"), "dog_cat_batch_32",
+    ("dog_guided_32", "dog_controlnet_32"))
 REAL_SIZE_MODE = Mode(
     "BLIP-Diffusion parity with the reference pipeline (real-size random checkpoint)", "real",
     "the released checkpoint's architecture with random weights, built by the reference: CLIP ViT-L/14 of "
@@ -215,13 +230,18 @@ def load_npz(path: Path) -> dict[str, np.ndarray]:
         return {key: data[key] for key in data.files}
 
 
-def run_blipdiff(pipe: Any, cases: list[dict[str, Any]], images: Path) -> dict[str, np.ndarray]:
-    """Each case through blipdiff's pipeline with the reference's arguments, plus the same intermediate
-    tensors reference_side.py keeps, captured where blipdiff's pipeline hands them on. blipdiff runs the
-    Q-Former once per reference where the reference runs it once on the batch: its captured pixel values
-    and subject ids are concatenated (a batch case's categories must tokenize to the same length)."""
+def run_blipdiff(base_pipe: Any, cases: list[dict[str, Any]], images: Path,
+                 control_pipe: Any = None) -> dict[str, np.ndarray]:
+    """Each case through blipdiff's pipeline with the reference's arguments (a ControlNet case through
+    ``control_pipe``), plus the same intermediate tensors reference_side.py keeps, captured where
+    blipdiff's pipeline hands them on. blipdiff runs the Q-Former once per reference where the reference
+    runs it once on the batch: its captured pixel values and subject ids are concatenated (a batch case's
+    categories must tokenize to the same length)."""
     outputs: dict[str, np.ndarray] = {}
     for case in cases:
+        pipe = control_pipe if "control_image" in case else base_pipe
+        if pipe is None:
+            raise ValueError(f"{case['name']} is a ControlNet case: give control_pipe")
         reference_image = open_reference_image(images, case)
         captured: dict[str, list[torch.Tensor]] = collections.defaultdict(list)
 
@@ -241,7 +261,7 @@ def run_blipdiff(pipe: Any, cases: list[dict[str, Any]], images: Path) -> dict[s
             pipe.vae.post_quant_conv.register_forward_pre_hook(
                 lambda _m, args: keep("final_latents", args[0] * pipe.vae.config.scaling_factor)),
         ]
-        image = call_pipeline(pipe, case, reference_image, hooks)
+        image = call_pipeline(pipe, case, reference_image, hooks, images)
         if is_batch(case):
             embedding = torch.cat([pipe.subject_embedding(photo, source)
                                    for photo, source in zip(reference_image, case["source_subject"], strict=True)])
@@ -322,6 +342,7 @@ OTHER_PHOTO_IMAGE = "another dog photo, image max abs"
 OTHER_PHOTO_EMBEDDING = "another dog photo, embedding relative"
 GUIDANCE = "guidance 7.5 vs 1.0, image max abs"
 BATCH_EMBEDDING = "the batch's two references, embedding relative"
+CONTROL = "ControlNet control vs none, image max abs"
 
 
 def reference_sanity(references: dict[str, dict[str, np.ndarray]], mode: Mode) -> dict[str, float]:
@@ -329,11 +350,14 @@ def reference_sanity(references: dict[str, dict[str, np.ndarray]], mode: Mode) -
     bit-identical outputs (two independent runs, so generation is deterministic), and the reference photo
     and the guidance each move the image far beyond the tolerance (the photo the subject embedding too:
     random weights can leave a model blind to its input), and the batch case's two references have
-    embeddings far apart (so that pairing a prompt with the wrong one, or with their mean, shows)."""
+    embeddings far apart (so that pairing a prompt with the wrong one, or with their mean, shows), and
+    the ControlNet moves the image (a ControlNet whose residuals vanish would pass with any wiring)."""
     run = references["safetensors"]
     photo, other_photo = mode.photo_pair
     guided, unguided = mode.guidance_pair
-    return {
+    control = {CONTROL: max_abs(run[f"{mode.control_pair[0]}.image"], run[f"{mode.control_pair[1]}.image"])} \
+        if mode.control_pair else {}
+    return control | {
         SAME_WEIGHTS: max(max_abs(run[key], references["bin"][key]) for key in run),
         OTHER_PHOTO_IMAGE: max_abs(run[f"{photo}.image"], run[f"{other_photo}.image"]),
         OTHER_PHOTO_EMBEDDING: relative_error(run[f"{other_photo}.subject_embedding"],
@@ -347,7 +371,7 @@ def blind(sanity: dict[str, float]) -> bool:
     """Whether the reference's outputs cannot tell a wrong implementation apart."""
     return (sanity[SAME_WEIGHTS] != 0 or sanity[OTHER_PHOTO_IMAGE] < 10 * IMAGE_TOLERANCE
             or sanity[OTHER_PHOTO_EMBEDDING] < 10 * EMBEDDING_TOLERANCE or sanity[GUIDANCE] < 10 * IMAGE_TOLERANCE
-            or sanity[BATCH_EMBEDDING] < 10 * EMBEDDING_TOLERANCE)
+            or sanity[BATCH_EMBEDDING] < 10 * EMBEDDING_TOLERANCE or sanity.get(CONTROL, 1.0) < 10 * IMAGE_TOLERANCE)
 
 
 def folder_bytes(folder: Path) -> int:
@@ -383,8 +407,9 @@ def write_fixtures(target: Path, work: Path, reference: dict[str, np.ndarray], v
 Written by `bench/reference_parity.py --write-fixtures` with the reference pipeline (diffusers'
 `BlipDiffusionPipeline`; {versions}); regenerate them the same way, never by hand.
 
-- `checkpoint/`: a tiny random BLIP-Diffusion built from the reference classes, every weight perturbed,
-  saved by the reference's `save_pretrained` (safetensors){bin_note}.
+- `checkpoint/`: a tiny random BLIP-Diffusion with a ControlNet (the layout of
+  `Salesforce/blipdiffusion-controlnet`) built from the reference classes, every weight perturbed, saved
+  by the reference's `save_pretrained` (safetensors){bin_note}.
   Like `Salesforce/blipdiffusion`, `qformer/config.json` names no `tokenizer`: the Q-Former loads
   `bert-base-uncased`.
 - `bert-base-uncased/`: the tiny uncased WordPiece tokenizer standing in for `bert-base-uncased`; serve
@@ -393,7 +418,9 @@ Written by `bench/reference_parity.py --write-fixtures` with the reference pipel
 - `cases.json`: the calls; `reference_image` is relative to `../shared/data/dreambench/dataset` (not
   committed: skip when absent), `reference_image_sha256` its checksum. In a batch case `prompt`,
   `reference_image` (and its checksum), `source_subject` and `target_subject` are lists, one entry per
-  prompt: one call, image i from reference photo i and categories i.
+  prompt: one call, image i from reference photo i and categories i. A case with a `control_image`
+  (relative to the same folder, cut to `control_crop` when given; `control_image_sha256` its checksum)
+  ran through the reference's `BlipDiffusionControlNetPipeline` with that photo as conditioning image.
 - `reference.npz`: per case `NAME.image` ([H, W, 3] float16 in [0, 1], `output_type="np"`),
   `NAME.subject_embedding` ([1, {TINY.num_query_tokens}, {TINY.text_hidden}] float32), `NAME.prompt_ids`,
   `NAME.negative_ids` (guided cases) and `NAME.subject_ids` (int32, as the reference tokenizes them); a
@@ -419,7 +446,8 @@ def main() -> None:
     if args.real_size and args.write_fixtures:
         parser.error("--write-fixtures writes the tiny checkpoint's fixtures; it does not go with --real-size")
     mode = REAL_SIZE_MODE if args.real_size else TINY_MODE
-    missing = [path for case in mode.cases for path in reference_paths(case) if not (args.images / path).is_file()]
+    missing = [path for case in mode.cases for path in [*reference_paths(case), *filter(None, [case.get("control_image")])]
+               if not (args.images / path).is_file()]
     if missing:
         sys.exit(f"reference photos not found under {args.images}: {', '.join(missing)} (pass --images)")
 
@@ -438,17 +466,21 @@ def blipdiff_side(work: Path, cases: list[dict[str, Any]], images: Path, bert: P
     outputs: dict[str, np.ndarray] = {}
     with offline_hub_with_bert(bert):
         # Imported only now: the private Hugging Face cache must be in place first (see offline_hub_with_bert).
-        from blipdiff.models.blip_diffusion import BlipDiffusionPipeline
+        from blipdiff.models.blip_diffusion import BlipDiffusionControlNetPipeline, BlipDiffusionPipeline
 
         for serialization in SERIALIZATIONS:
             pipe = BlipDiffusionPipeline.from_pretrained(work / f"checkpoint-{serialization}")
             pipe.set_progress_bar_config(disable=True)
-            ours = run_blipdiff(pipe, cases, images)
+            control_pipe = None
+            if any("control_image" in case for case in cases):
+                control_pipe = BlipDiffusionControlNetPipeline.from_pretrained(work / f"checkpoint-{serialization}")
+                control_pipe.set_progress_bar_config(disable=True)
+            ours = run_blipdiff(pipe, cases, images, control_pipe)
             rows += compare(ours, references[serialization], cases, f"reference {serialization} → blipdiff")
             if serialization == "safetensors":
                 outputs = ours
                 pipe.save_pretrained(work / "checkpoint-blipdiff")
-            del pipe
+            del pipe, control_pipe
     return rows, outputs
 
 
@@ -471,7 +503,9 @@ def measure(args: argparse.Namespace, mode: Mode, work: Path) -> None:
         return hashlib.sha256((args.images / path).read_bytes()).hexdigest()
 
     cases = [{**case, "reference_image_sha256": [sha256(path) for path in case["reference_image"]] if is_batch(case)
-              else sha256(case["reference_image"])} for case in mode.cases]
+              else sha256(case["reference_image"]),
+              **({"control_image_sha256": sha256(case["control_image"])} if "control_image" in case else {})}
+             for case in mode.cases]
     (work / "cases.json").write_text(json.dumps(cases, indent=1) + "\n")
     lap("side environment set-up or check")
 
@@ -485,7 +519,7 @@ def measure(args: argparse.Namespace, mode: Mode, work: Path) -> None:
         folder = work / f"checkpoint-{serialization}"
         shutil.rmtree(folder, ignore_errors=True)
         run_side(python, "build", "--out", str(folder), "--bert-tokenizer", str(bert), "--format", serialization,
-                 "--size", mode.size)
+                 "--size", mode.size, *(["--controlnet"] if mode.control_pair else []))
         lap(f"reference build ({serialization})")
         references[serialization] = reference_generate(folder, work / f"reference-{serialization}.npz")
         lap(f"reference load and cases ({serialization})")

@@ -4,7 +4,7 @@ Runs only with the side environment's python (diffusers 0.32.2, transformers 4.4
 bench/reference_parity.py creates; it never imports blipdiff.
 
     python bench/reference_side.py build --out CHECKPOINT --bert-tokenizer BERT [--format bin|safetensors] \
-        [--size tiny|real]
+        [--size tiny|real] [--controlnet]
     python bench/reference_side.py generate --model CHECKPOINT --bert-tokenizer BERT --cases cases.json \
         --images DREAMBENCH_DATASET --out reference.npz
 
@@ -12,7 +12,8 @@ bench/reference_parity.py creates; it never imports blipdiff.
 in the layout of ``Salesforce/blipdiffusion``: a tiny one (``--size tiny``, the default) or one of the
 released checkpoint's real architecture (``--size real``: CLIP ViT-L/14 cut to 23 layers, the BERT-base
 Q-Former with 16 queries, CLIP ViT-L's text encoder, Stable Diffusion v1.5's U-Net and VAE; 1.56 billion
-parameters, 6.2 GB in float32). The tokenizers are tiny trained ones; at real size they are padded
+parameters, 6.2 GB in float32); ``--controlnet`` adds a random ControlNet made from the U-Net, in the layout
+of ``Salesforce/blipdiffusion-controlnet`` (``model_index.json`` lists it). The tokenizers are tiny trained ones; at real size they are padded
 with filler entries to the real vocabularies' sizes (49,408 CLIP BPE tokens with <|startoftext|> and
 <|endoftext|> at 49406 and 49407; 30,522 WordPiece tokens, so that "[DEC]" is 30522), which the real
 embedding matrices need. Like the released checkpoint, ``qformer/config.json`` names no ``tokenizer``:
@@ -21,7 +22,8 @@ commands therefore point ``HF_HOME`` at a private folder in which the WordPiece 
 ``build`` to BERT) stands in as the cached ``bert-base-uncased`` snapshot, so the checkpoint loads
 offline exactly as the real one does with a warm cache.
 
-``generate`` runs each case of cases.json (see reference_parity.py) and writes, per case NAME:
+``generate`` runs each case of cases.json (see reference_parity.py), a case with a ``control_image``
+through diffusers' ``BlipDiffusionControlNetPipeline``, and writes, per case NAME:
 ``NAME.image`` [H, W, 3] float32 in [0, 1] (``output_type="np"``), ``NAME.subject_embedding`` [1, Q, D]
 (the Q-Former on the pipeline's own preprocessing of the reference image), and, to locate a disagreement,
 what the pipeline handed on inside: ``NAME.pixel_values`` (the preprocessed reference image),
@@ -98,6 +100,9 @@ class Architecture:
     vae: dict[str, Any]  # AutoencoderKL
     clip_vocab: int | None  # the BPE vocabulary padded to this size; None: as trained
     wordpiece_vocab: int | None  # the WordPiece vocabulary padded to this size ("[DEC]" comes after it)
+    # ControlNetModel.from_unet's conditioning_embedding_out_channels: one stride-2 convolution per entry
+    # after the first, so the control image comes down to the latents' size (the VAE's factor).
+    controlnet_embedding: tuple[int, ...] = (16, 32, 96, 256)
 
     @property
     def text_hidden(self) -> int:
@@ -123,7 +128,7 @@ TINY = Architecture(
               up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")),
     vae=dict(layers_per_block=1, block_out_channels=(4, 8), norm_num_groups=2, sample_size=32,
              down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2),
-    clip_vocab=None, wordpiece_vocab=None)
+    clip_vocab=None, wordpiece_vocab=None, controlnet_embedding=(4, 8))
 # Salesforce/blipdiffusion (FACTS.md, "Model"): CLIP ViT-L/14 without its last layer, the BERT-base
 # Q-Former, CLIP ViT-L's text encoder, Stable Diffusion v1.5's U-Net and VAE.
 REAL = Architecture(
@@ -280,11 +285,12 @@ def perturb_weights(modules: list[torch.nn.Module], seed: int) -> None:
                 tensor.add_((noise * scale).to(tensor.dtype))
 
 
-def build(out: Path, bert_tokenizer: Path, serialization: str, architecture: Architecture) -> None:
+def build(out: Path, bert_tokenizer: Path, serialization: str, architecture: Architecture, controlnet: bool) -> None:
     write_wordpiece(bert_tokenizer, architecture.wordpiece_vocab)
     with offline_hub_with_bert(bert_tokenizer), tempfile.TemporaryDirectory() as scratch:
         # Imported here, after the private cache is in place (see offline_hub_with_bert).
-        from diffusers import AutoencoderKL, BlipDiffusionPipeline, PNDMScheduler, UNet2DConditionModel
+        from diffusers import (AutoencoderKL, BlipDiffusionControlNetPipeline, BlipDiffusionPipeline, ControlNetModel,
+                               PNDMScheduler, UNet2DConditionModel)
         from diffusers.pipelines.blip_diffusion.blip_image_processing import BlipImageProcessor
         from diffusers.pipelines.blip_diffusion.modeling_blip2 import Blip2QFormerModel
         from diffusers.pipelines.blip_diffusion.modeling_ctx_clip import ContextCLIPTextModel
@@ -316,13 +322,20 @@ def build(out: Path, bert_tokenizer: Path, serialization: str, architecture: Arc
             size={"height": architecture.image_size, "width": architecture.image_size}, image_mean=CLIP_MEAN,
             image_std=CLIP_STD)
         perturb_weights([qformer, text_encoder, unet, vae], PERTURBATION_SEED)
-
-        pipe = BlipDiffusionPipeline(
-            tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet, scheduler=scheduler,
-            qformer=qformer, image_processor=image_processor, ctx_begin_pos=2, mean=CLIP_MEAN, std=CLIP_STD)
+        modules = [qformer, text_encoder, unet, vae]
+        components = dict(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet, scheduler=scheduler,
+                          qformer=qformer, image_processor=image_processor, ctx_begin_pos=2, mean=CLIP_MEAN, std=CLIP_STD)
+        if controlnet:
+            # As ControlNets are made: from the U-Net's encoder, then perturbed apart (with their own seed, so
+            # the other components stay the same as without one), the zero convolutions included.
+            net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=architecture.controlnet_embedding)
+            perturb_weights([net], PERTURBATION_SEED + 1)
+            modules.append(net)
+            pipe = BlipDiffusionControlNetPipeline(controlnet=net, **components)
+        else:
+            pipe = BlipDiffusionPipeline(**components)
         pipe.save_pretrained(out, safe_serialization=serialization == "safetensors")
-    parameters = sum(parameter.numel() for module in (qformer, text_encoder, unet, vae)
-                     for parameter in module.parameters())
+    parameters = sum(parameter.numel() for module in modules for parameter in module.parameters())
     print(f"built {out} ({serialization}, {parameters:,} parameters, "
           f"{sum(f.stat().st_size for f in out.rglob('*') if f.is_file()):,} bytes)")
 
@@ -351,15 +364,25 @@ def open_reference_image(images: Path, case: dict[str, Any]) -> Image.Image | li
     return opened if is_batch(case) else opened[0]
 
 
+def open_control_image(images: Path, case: dict[str, Any]) -> Image.Image:
+    """A ControlNet case's conditioning image, a photo used as it is (the reference computes no edges),
+    cut to its ``control_crop`` box so that the resize to the output size is exercised."""
+    image = Image.open(images / case["control_image"]).convert("RGB")
+    return image.crop(tuple(case["control_crop"])) if case.get("control_crop") else image
+
+
 def call_pipeline(pipe: Any, case: dict[str, Any], reference_image: Image.Image | list[Image.Image],
-                  hooks: list[torch.utils.hooks.RemovableHandle]) -> np.ndarray:
+                  hooks: list[torch.utils.hooks.RemovableHandle], images: Path) -> np.ndarray:
     """The call both pipelines take alike (blipdiff's is a drop-in): the case's arguments in the
-    reference's order, ``output_type="np"``; ``hooks`` are removed afterwards. A batch case passes its
+    reference's order, ``output_type="np"``; ``hooks`` are removed afterwards. A ControlNet case (one
+    with a ``control_image``) goes to the ControlNet pipeline with its conditioning image after the
+    reference image. A batch case passes its
     lists as they are (one reference image per prompt) and one negative prompt, which each pipeline
     tokenises once per prompt."""
     try:
+        control = [open_control_image(images, case)] if "control_image" in case else []
         return pipe(
-            case["prompt"], reference_image, case["source_subject"], case["target_subject"],
+            case["prompt"], reference_image, *control, case["source_subject"], case["target_subject"],
             guidance_scale=case["guidance_scale"], height=case["height"], width=case["width"],
             num_inference_steps=case["num_inference_steps"],
             generator=torch.Generator("cpu").manual_seed(case["seed"]),
@@ -392,7 +415,7 @@ def run_case(pipe: Any, case: dict[str, Any], images: Path) -> dict[str, np.ndar
         pipe.vae.post_quant_conv.register_forward_pre_hook(
             lambda _m, args: keep("final_latents", args[0] * pipe.vae.config.scaling_factor)),
     ]
-    image = call_pipeline(pipe, case, reference_image, hooks)
+    image = call_pipeline(pipe, case, reference_image, hooks, images)
 
     # As the pipeline computes them: one batch of every reference photo with its source category.
     pixel_values = pipe.image_processor.preprocess(
@@ -417,15 +440,20 @@ def run_case(pipe: Any, case: dict[str, Any], images: Path) -> dict[str, np.ndar
 def generate(model: Path, bert_tokenizer: Path, cases_file: Path, images: Path, out: Path) -> None:
     cases = json.loads(cases_file.read_text())
     with offline_hub_with_bert(bert_tokenizer):
-        from diffusers import BlipDiffusionPipeline
+        from diffusers import BlipDiffusionControlNetPipeline, BlipDiffusionPipeline
         from diffusers.utils import logging as diffusers_logging
 
         diffusers_logging.disable_progress_bar()
-        pipe = BlipDiffusionPipeline.from_pretrained(model)
-        pipe.set_progress_bar_config(disable=True)
+        pipes = {}
+        if any("control_image" not in case for case in cases):
+            pipes[False] = BlipDiffusionPipeline.from_pretrained(model)
+        if any("control_image" in case for case in cases):
+            pipes[True] = BlipDiffusionControlNetPipeline.from_pretrained(model)
+        for pipe in pipes.values():
+            pipe.set_progress_bar_config(disable=True)
         arrays: dict[str, np.ndarray] = {}
         for case in cases:
-            for key, value in run_case(pipe, case, images).items():
+            for key, value in run_case(pipes["control_image" in case], case, images).items():
                 arrays[f"{case['name']}.{key}"] = value
     out.parent.mkdir(parents=True, exist_ok=True)
     np.savez(out, **arrays)
@@ -442,6 +470,8 @@ def main() -> None:
     build_parser.add_argument("--format", choices=["bin", "safetensors"], default="safetensors")
     build_parser.add_argument("--size", choices=list(ARCHITECTURES), default="tiny",
                               help="a tiny model, or the released checkpoint's architecture")
+    build_parser.add_argument("--controlnet", action="store_true",
+                              help="add a random ControlNet (the layout of Salesforce/blipdiffusion-controlnet)")
     generate_parser = commands.add_parser("generate", help="run the parity cases through the reference pipeline")
     generate_parser.add_argument("--model", type=Path, required=True)
     generate_parser.add_argument("--bert-tokenizer", type=Path, required=True,
@@ -452,7 +482,7 @@ def main() -> None:
     generate_parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     if args.command == "build":
-        build(args.out, args.bert_tokenizer, args.format, ARCHITECTURES[args.size])
+        build(args.out, args.bert_tokenizer, args.format, ARCHITECTURES[args.size], args.controlnet)
     else:
         generate(args.model, args.bert_tokenizer, args.cases, args.images, args.out)
 

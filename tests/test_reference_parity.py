@@ -22,18 +22,35 @@ from reference_side import is_batch
 FIXTURES = Path(__file__).parent / "fixtures" / "reference_parity"
 CASES = json.loads((FIXTURES / "cases.json").read_text())
 BATCH_CASES = [case for case in CASES if is_batch(case)]
+CONTROL_CASES = [case for case in CASES if "control_image" in case]
+BASE_CASES = [case for case in CASES if "control_image" not in case]
 
 
 @pytest.fixture(scope="module")
-def pipe(tmp_path_factory, one_torch_thread):
+def checkpoint(tmp_path_factory) -> Path:
     """The reference-built checkpoint, with the stand-in bert-base-uncased as the checkpoint's tokenizer
     copy (the same vocabulary the reference read from its cache)."""
-    from blipdiff.models.blip_diffusion import BlipDiffusionPipeline
-
     folder = tmp_path_factory.mktemp("parity") / "checkpoint"
     shutil.copytree(FIXTURES / "checkpoint", folder)
     shutil.copytree(FIXTURES / "bert-base-uncased", folder / "qformer" / "tokenizer")
-    loaded = BlipDiffusionPipeline.from_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def pipe(checkpoint, one_torch_thread):
+    from blipdiff.models.blip_diffusion import BlipDiffusionPipeline
+
+    loaded = BlipDiffusionPipeline.from_pretrained(checkpoint)
+    loaded.set_progress_bar_config(disable=True)
+    return loaded
+
+
+@pytest.fixture(scope="module")
+def control_pipe(checkpoint, one_torch_thread):
+    """The same checkpoint through the ControlNet pipeline (its model_index.json lists the ControlNet)."""
+    from blipdiff.models.blip_diffusion import BlipDiffusionControlNetPipeline
+
+    loaded = BlipDiffusionControlNetPipeline.from_pretrained(checkpoint)
     loaded.set_progress_bar_config(disable=True)
     return loaded
 
@@ -43,9 +60,9 @@ def dreambench() -> Path:
     return shared_path("dreambench", "dataset")
 
 
-def worst_errors(pipe, dreambench: Path, cases: list[dict] = CASES) -> tuple[float, float]:
+def worst_errors(pipe, dreambench: Path, cases: list[dict] = BASE_CASES, control_pipe=None) -> tuple[float, float]:
     """The largest image max-abs and subject-embedding relative error (each reference's) over the cases."""
-    ours = run_blipdiff(pipe, cases, dreambench)
+    ours = run_blipdiff(pipe, cases, dreambench, control_pipe)
     reference = load_npz(FIXTURES / "reference.npz")
     images = [max_abs(ours[f"{case['name']}.image"], reference[f"{case['name']}.image"]) for case in cases]
     embeddings = [embedding_error(ours[f"{case['name']}.subject_embedding"],
@@ -60,18 +77,53 @@ def test_the_reference_photos_are_the_ones_the_reference_saw(dreambench):
     for case in CASES:
         paths = case["reference_image"] if is_batch(case) else [case["reference_image"]]
         sums = case["reference_image_sha256"] if is_batch(case) else [case["reference_image_sha256"]]
+        if "control_image" in case:
+            paths, sums = [*paths, case["control_image"]], [*sums, case["control_image_sha256"]]
         for path, expected in zip(paths, sums):
             assert hashlib.sha256((dreambench / path).read_bytes()).hexdigest() == expected, path
 
 
-def test_the_reference_images_and_subject_embeddings_are_reproduced(pipe, dreambench):
-    image_error, embedding_error = worst_errors(pipe, dreambench)
+def test_the_reference_images_and_subject_embeddings_are_reproduced(pipe, control_pipe, dreambench):
+    image_error, embedding_error = worst_errors(pipe, dreambench, CASES, control_pipe)
     assert image_error <= IMAGE_TOLERANCE
     assert embedding_error <= EMBEDDING_TOLERANCE
 
 
-def test_the_reference_token_ids_are_reproduced(pipe, dreambench):
-    ours = run_blipdiff(pipe, CASES, dreambench)
+def test_the_cases_include_the_controlnet_pipeline_guided_and_not():
+    assert {case["guidance_scale"] > 1 for case in CONTROL_CASES} == {True, False}
+
+
+@pytest.mark.parametrize("mistake", ["control image normalised to [-1, 1]", "bilinear resize",
+                                     "the mid-block residual dropped"])
+def test_a_controlnet_wired_wrongly_fails_parity(control_pipe, dreambench, monkeypatch, mistake):
+    from PIL import Image
+
+    from blipdiff.models.blip_diffusion import controlnet
+
+    prepare = controlnet.prepare_control_image
+    if mistake == "control image normalised to [-1, 1]":
+        monkeypatch.setattr(controlnet, "prepare_control_image", lambda *args: prepare(*args) * 2 - 1)
+    elif mistake == "bilinear resize":
+        def bilinear(image, width, height):
+            resized = controlnet.open_rgb(image).resize((width, height), resample=Image.Resampling.BILINEAR)
+            return prepare(resized, width, height)
+
+        monkeypatch.setattr(controlnet, "prepare_control_image", bilinear)
+    else:
+        net = control_pipe.controlnet
+        original = net.forward
+
+        def without_mid(*args, **kwargs):
+            down, mid = original(*args, **kwargs)
+            return down, mid * 0
+
+        monkeypatch.setattr(net, "forward", without_mid)
+    image_error, _ = worst_errors(control_pipe, dreambench, CONTROL_CASES, control_pipe)
+    assert image_error > IMAGE_TOLERANCE
+
+
+def test_the_reference_token_ids_are_reproduced(pipe, control_pipe, dreambench):
+    ours = run_blipdiff(pipe, CASES, dreambench, control_pipe)
     reference = load_npz(FIXTURES / "reference.npz")
     for case in CASES:
         for ids in ("prompt_ids", "subject_ids", "negative_ids"):
