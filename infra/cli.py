@@ -232,8 +232,20 @@ def generate_command(
     scheduler: Annotated[str, typer.Option(help="pndm, ddim or dpm.")] = "pndm",
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
     device: Annotated[str, typer.Option(help="torch device, e.g. cpu or cuda.")] = "cpu",
+    image_subject: Annotated[list[str] | None, typer.Option(
+        help="Each --image's category, to blend different subjects (default: --subject).")] = None,
+    weights: Annotated[str | None, typer.Option(help="Each --image's weight in the mean, e.g. 0.3,0.7.")] = None,
+    control: Annotated[list[Path] | None, typer.Option(
+        help="Control image for a ControlNet (edges, depth, pose, ...); repeat with one --controlnet each.")] = None,
+    control_type: Annotated[list[str] | None, typer.Option(
+        help="canny (edges computed from --control) or image (as given); one, or one per --control.")] = None,
+    controlnet: Annotated[list[str] | None, typer.Option(
+        help="Stable Diffusion 1.5 ControlNet (hub id or folder) per --control; default: the checkpoint's own.")] = None,
+    control_scale: Annotated[list[float] | None, typer.Option(
+        help="ControlNet residual scale; one, or one per --control (0 switches one off).")] = None,
 ) -> None:
-    """Subject-driven generation with BLIP-Diffusion: PNGs plus a sidecar that makes each again exactly."""
+    """Subject-driven generation with BLIP-Diffusion: PNGs plus a sidecar that makes each again exactly.
+    With --control, under the structure of the control images (ControlNet); with --weights, a blend."""
     from blipdiff.models.generation import GenerateConfig, generate_images
     from pydantic import ValidationError
 
@@ -242,7 +254,9 @@ def generate_command(
             model=model, images=image or [], subject_checkpoint=subject_checkpoint, subject=subject,
             target_subject=target_subject, prompts=prompt, out=out,
             negative_prompt=negative_prompt, steps=steps, guidance=guidance, seed=seed, num_images=num_images,
-            height=height, width=width, scheduler=scheduler, dtype=dtype, device=device)
+            height=height, width=width, scheduler=scheduler, dtype=dtype, device=device,
+            image_subjects=image_subject or [], weights=_numbers(weights, "--weights"), controls=control or [],
+            control_types=control_type or ["image"], controlnets=controlnet or [], control_scales=control_scale or [1.0])
     except ValidationError as error:
         raise _fail("; ".join(_validation_messages(error))) from error
     try:
@@ -250,6 +264,98 @@ def generate_command(
     except (ValueError, OSError) as error:  # CheckpointError is a ValueError
         raise _fail(str(error)) from error
     typer.echo(f"{len(config.prompts) * num_images} images -> {out}; settings and seeds -> {manifest}")
+
+
+def _numbers(text: str | None, option: str) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(part) for part in text.split(",")]
+    except ValueError as error:
+        raise _fail(f"{option} {text!r}: comma-separated numbers, e.g. 0.3,0.7") from error
+
+
+@app.command("edit")
+def edit_command(
+    model: Annotated[str, typer.Option(help="Hub id or local checkpoint folder (the official layout).")],
+    edit_token: Annotated[str, typer.Option(help="The word of the source whose region the subject takes, e.g. cat.")],
+    image: Annotated[list[Path], typer.Option(help="Reference photo of the subject; repeat to average several.")],
+    subject: Annotated[str, typer.Option(help="The subject's category, e.g. dog.")],
+    prompt: Annotated[str, typer.Option(help="The edited picture's text after the subject, e.g. 'sitting on a sofa'.")],
+    out: Annotated[Path, typer.Option(help="Folder for edited.png, source.png, mask.png and edit.json.")],
+    source_prompt: Annotated[str | None, typer.Option(
+        help="Generate the source picture from this text (with --seed); it must contain --edit-token.")] = None,
+    source_image: Annotated[Path | None, typer.Option(
+        help="Edit this photo instead (DDIM inversion), described as 'a <edit-token> <prompt>'.")] = None,
+    weights: Annotated[str | None, typer.Option(help="Each --image's weight in the mean, e.g. 0.3,0.7.")] = None,
+    negative_prompt: Annotated[str, typer.Option(help="Negative prompt (classifier-free guidance).")] = "",
+    steps: Annotated[int, typer.Option(help="DDIM steps.")] = 50,
+    guidance: Annotated[float, typer.Option(help="Guidance scale (1 or less: no guidance).")] = 7.5,
+    seed: Annotated[int, typer.Option(help="Seed of the generated source's noise.")] = 0,
+    height: Annotated[int, typer.Option(help="Image height, a multiple of 8.")] = 512,
+    width: Annotated[int, typer.Option(help="Image width, a multiple of 8.")] = 512,
+    cross_replace_steps: Annotated[float, typer.Option(
+        help="Share of the steps that keep the source's attention maps for the shared words.")] = 0.8,
+    mask_threshold: Annotated[float, typer.Option(
+        help="Share of its peak above which an attention map marks the edited region.")] = 0.3,
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+    device: Annotated[str, typer.Option(help="torch device, e.g. cpu or cuda.")] = "cpu",
+) -> None:
+    """Subject-driven editing: the subject in place of a word's region of a picture, the rest kept."""
+    from blipdiff.models.editing import EditConfig, edit_picture
+    from pydantic import ValidationError
+
+    try:
+        config = EditConfig(
+            model=model, source_prompt=source_prompt, source_image=source_image, edit_token=edit_token, images=image,
+            weights=_numbers(weights, "--weights"), subject=subject, prompt=prompt, out=out,
+            negative_prompt=negative_prompt, steps=steps, guidance=guidance, seed=seed, height=height, width=width,
+            cross_replace_steps=cross_replace_steps, mask_threshold=mask_threshold, dtype=dtype, device=device)
+    except ValidationError as error:
+        raise _fail("; ".join(_validation_messages(error))) from error
+    try:
+        folder = edit_picture(config, log=typer.echo)
+    except (ValueError, OSError) as error:
+        raise _fail(str(error)) from error
+    typer.echo(f"edited.png, source.png, mask.png -> {folder}")
+
+
+@app.command("interpolate")
+def interpolate_command(
+    model: Annotated[str, typer.Option(help="Hub id or local checkpoint folder (the official layout).")],
+    image: Annotated[list[Path], typer.Option(help="One photo per subject: 2 (a path) or 4 (a square's corners).")],
+    subject: Annotated[list[str], typer.Option(help="Each --image's category, in the same order.")],
+    prompt: Annotated[str, typer.Option(help="What to generate, e.g. 'on the beach'.")],
+    out: Annotated[Path, typer.Option(help="Folder for the cells, grid.png and interpolation.parquet.")],
+    target_subject: Annotated[str | None, typer.Option(
+        help="Category written into the prompt (default: the first --subject).")] = None,
+    steps: Annotated[int, typer.Option(help="Cells along a side.")] = 5,
+    negative_prompt: Annotated[str, typer.Option(help="Negative prompt (classifier-free guidance).")] = "",
+    denoising_steps: Annotated[int, typer.Option(help="Denoising steps per cell.")] = 50,
+    guidance: Annotated[float, typer.Option(help="Guidance scale.")] = 7.5,
+    seed: Annotated[int, typer.Option(help="The one seed of every cell.")] = 0,
+    height: Annotated[int, typer.Option(help="Cell height, a multiple of 8.")] = 512,
+    width: Annotated[int, typer.Option(help="Cell width, a multiple of 8.")] = 512,
+    scheduler: Annotated[str, typer.Option(help="pndm, ddim or dpm.")] = "pndm",
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+    device: Annotated[str, typer.Option(help="torch device, e.g. cpu or cuda.")] = "cpu",
+) -> None:
+    """Subject interpolation: a grid of the blends of 2 or 4 subjects' embeddings, at one seed."""
+    from blipdiff.models.interpolation import InterpolateConfig, interpolate
+    from pydantic import ValidationError
+
+    try:
+        config = InterpolateConfig(
+            model=model, images=image, subjects=subject, target_subject=target_subject or (subject or [""])[0],
+            prompt=prompt, out=out, steps=steps, negative_prompt=negative_prompt, denoising_steps=denoising_steps,
+            guidance=guidance, seed=seed, height=height, width=width, scheduler=scheduler, dtype=dtype, device=device)
+    except ValidationError as error:
+        raise _fail("; ".join(_validation_messages(error))) from error
+    try:
+        grid = interpolate(config, log=typer.echo)
+    except (ValueError, OSError) as error:
+        raise _fail(str(error)) from error
+    typer.echo(f"grid -> {grid}")
 
 
 def _validation_messages(error) -> list[str]:

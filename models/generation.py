@@ -33,6 +33,9 @@ class GenerateConfig(BaseModel):
 
     model: str = Field(description="Hub id or local checkpoint folder in the official layout.")
     images: list[Path] = Field(default_factory=list, description="Reference photos of the subject (averaged).")
+    image_subjects: list[SubjectText] = Field(
+        default_factory=list, description="Each reference photo's category, to blend different subjects (default: subject).")
+    weights: list[float] | None = Field(None, description="Each reference photo's weight in the mean (default: equal).")
     subject_checkpoint: Path | None = Field(None, description="A `blipdiff finetune` output, instead of photos.")
     subject: SubjectText = Field(description="The subject's category, e.g. 'dog'.")
     target_subject: SubjectText | None = Field(None, description="Category written into the prompt (default: subject).")
@@ -48,6 +51,13 @@ class GenerateConfig(BaseModel):
     scheduler: Literal["pndm", "ddim", "dpm"] = "pndm"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "cpu"
+    controls: list[Path] = Field(default_factory=list, description="Control images (edges, depth, ...), one per ControlNet.")
+    control_types: list[Literal["canny", "image"]] = Field(
+        default_factory=lambda: ["image"], description="canny: edges computed from the control image; image: as given. "
+        "One for every control, or one per control.")
+    controlnets: list[str] = Field(
+        default_factory=list, description="ControlNet per control (hub id or folder); default: the checkpoint's own.")
+    control_scales: list[float] = Field(default_factory=lambda: [1.0], description="One, or one per control.")
 
     @field_validator("prompts")
     @classmethod
@@ -62,31 +72,67 @@ class GenerateConfig(BaseModel):
             raise ValueError("give reference images (--image) or a subject checkpoint (--subject-checkpoint), one of them")
         if self.subject_checkpoint is not None and not self.subject_checkpoint.is_dir():
             raise ValueError(f"subject checkpoint {self.subject_checkpoint}: no such folder")
-        for path in self.images:
+        for path in [*self.images, *self.controls]:
             readable_image(path)
+        check_blend(len(self.images), self.image_subjects, self.weights)
+        if self.controls:
+            for name, values in (("--control-type", self.control_types), ("--control-scale", self.control_scales)):
+                if len(values) not in (1, len(self.controls)):
+                    raise ValueError(f"{name}: {len(values)} values for {len(self.controls)} control images; give one, "
+                                     "or one per control image")
+            if self.controlnets and len(self.controlnets) != len(self.controls):
+                raise ValueError(f"--controlnet: {len(self.controlnets)} for {len(self.controls)} control images; give "
+                                 "one per control image, or none to use the checkpoint's own")
+            if not self.controlnets and len(self.controls) > 1:
+                raise ValueError("several control images need a --controlnet for each")
+        elif self.controlnets:
+            raise ValueError("--controlnet without --control: give the control image to follow")
         return self
+
+    def control_pairs(self) -> list[tuple[Path, str, float]]:
+        """(control image, type, scale) per ControlNet."""
+        count = len(self.controls)
+        types = self.control_types * count if len(self.control_types) == 1 else self.control_types
+        scales = self.control_scales * count if len(self.control_scales) == 1 else self.control_scales
+        return list(zip(self.controls, types, scales))
 
     def settings(self) -> dict:
         """What decides the images (the output folder aside), with local paths made absolute so that a
         rerun from another folder is recognised for what it is."""
         settings = self.model_dump(mode="json", exclude={"out"})
         settings["images"] = [str(path.resolve()) for path in self.images]
+        settings["controls"] = [str(path.resolve()) for path in self.controls]
+        settings["controlnets"] = [model_location(net) for net in self.controlnets]
         if self.subject_checkpoint is not None:
             settings["subject_checkpoint"] = str(self.subject_checkpoint.resolve())
         settings["model"] = model_location(self.model)
         return settings
 
 
-def _check_out(config: GenerateConfig) -> None:
-    run_file = config.out / RUN_FILE
-    if run_file.is_file():
-        if json.loads(run_file.read_text()) != config.settings():
-            raise ValueError(f"{config.out} holds the generations of another run (see {run_file}); choose another --out")
-    elif config.out.is_dir() and any(config.out.iterdir()):
-        raise ValueError(f"{config.out} is not empty and holds no generation run; choose another --out")
+def check_blend(images: int, image_subjects: list[str], weights: list[float] | None) -> None:
+    """Per-image subjects and weights of a blend of reference photos: one per photo; weights
+    non-negative with a positive sum."""
+    if image_subjects and len(image_subjects) != images:
+        raise ValueError(f"{len(image_subjects)} image subjects for {images} reference images; give one per image")
+    if weights is not None:
+        if len(weights) != images:
+            raise ValueError(f"{len(weights)} weights for {images} reference images; give one per image")
+        if any(weight < 0 for weight in weights) or sum(weights) <= 0:
+            raise ValueError(f"weights {weights}: each must be non-negative and their sum positive")
 
 
-def _check_device(name: str) -> None:
+def check_run_folder(out: Path, settings: dict, what: str, run_file: str = RUN_FILE) -> None:
+    """A run folder is new (missing or empty) or holds the same run, so that a rerun finishes it and two
+    runs never mix."""
+    recorded = out / run_file
+    if recorded.is_file():
+        if json.loads(recorded.read_text()) != settings:
+            raise ValueError(f"{out} holds another run ({what}; see {recorded}); choose another --out")
+    elif out.is_dir() and any(out.iterdir()):
+        raise ValueError(f"{out} is not empty and holds no {what} run; choose another --out")
+
+
+def check_device(name: str) -> None:
     import torch
 
     try:
@@ -111,26 +157,43 @@ def image_name(prompt_index: int, image_index: int) -> str:
 
 def generate_images(config: GenerateConfig, log=print) -> Path:
     """Generate every missing image of the run, then write the sidecar; returns its path."""
-    _check_out(config)
+    check_run_folder(config.out, config.settings(), "generation")
     import diffusers
     import pandas as pd
     import torch
 
-    from blipdiff.models.blip_diffusion import BlipDiffusionPipeline
+    from blipdiff.models.blip_diffusion import BlipDiffusionControlNetPipeline, BlipDiffusionPipeline
+    from blipdiff.models.blip_diffusion.controlnet import control_image
 
-    _check_device(config.device)
-    pipe = BlipDiffusionPipeline.from_pretrained(config.model, torch_dtype=getattr(torch, config.dtype),
-                                                 device=config.device)
+    check_device(config.device)
+    dtype = getattr(torch, config.dtype)
+    controls = config.control_pairs()
+    if controls:
+        pipe = BlipDiffusionControlNetPipeline.from_pretrained(config.model, torch_dtype=dtype, device=config.device,
+                                                               controlnet=config.controlnets or None)
+        if len(pipe.controlnets) != len(controls):
+            raise ValueError(f"{len(controls)} control images for the checkpoint's {len(pipe.controlnets)} ControlNets")
+        conditions = [control_image(path, kind) for path, kind, _ in controls]
+        extra = {"condtioning_image": conditions[0] if len(conditions) == 1 else conditions,
+                 "controlnet_conditioning_scale": [scale for _, _, scale in controls]}
+    else:
+        pipe = BlipDiffusionPipeline.from_pretrained(config.model, torch_dtype=dtype, device=config.device,
+                                                     load_controlnet=False)
+        conditions, extra = [], {}
     pipe.scheduler = getattr(diffusers, SCHEDULERS[config.scheduler]).from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     if config.subject_checkpoint is not None:
         subject_embeds = pipe.load_subject(config.subject_checkpoint)
     else:
-        subject_embeds = pipe.subject_embedding(config.images, config.subject)
+        subject_embeds = pipe.subject_embedding(config.images, config.image_subjects or config.subject, config.weights)
 
     config.out.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(config.out)
     write_json_atomic(config.settings(), config.out / RUN_FILE)
+    for index, condition in enumerate(conditions):
+        # What each ControlNet followed (the computed edges, say), beside the images it shaped.
+        with atomic_path(config.out / f"control-{index}.png") as partial:
+            condition.save(partial, format="PNG")
     rows = []
     for prompt_index, prompt in enumerate(config.prompts):
         names = [image_name(prompt_index, k) for k in range(config.num_images)]
@@ -141,7 +204,7 @@ def generate_images(config: GenerateConfig, log=print) -> Path:
                 prompt, target_subject_category=config.target_subject or config.subject,
                 subject_embeds=subject_embeds, guidance_scale=config.guidance, height=config.height,
                 width=config.width, num_inference_steps=config.steps, neg_prompt=config.negative_prompt,
-                generator=torch.Generator("cpu").manual_seed(config.seed + k)).images[0]
+                generator=torch.Generator("cpu").manual_seed(config.seed + k), **extra).images[0]
             with atomic_path(config.out / names[k]) as partial:
                 image.save(partial, format="PNG")
         log(f"prompt {prompt_index + 1}/{len(config.prompts)}: {len(missing)} made, "

@@ -16,7 +16,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,9 +76,10 @@ class BlipDiffusionPipeline:
     # ----------------------------------------------------------------- loading, saving, placement
     @classmethod
     def from_pretrained(cls, model: str | os.PathLike, torch_dtype: torch.dtype | None = None,
-                        device: str | torch.device | None = None) -> BlipDiffusionPipeline:
+                        device: str | torch.device | None = None, load_controlnet: bool = True) -> BlipDiffusionPipeline:
         """Load a checkpoint in the official layout: a hub id (downloaded, or found in the cache
-        offline) or a local folder. Raises ``CheckpointError`` saying what is missing or wrong."""
+        offline) or a local folder. Raises ``CheckpointError`` saying what is missing or wrong.
+        ``load_controlnet``: also the ControlNet(s) ``model_index.json`` lists, kept when saving."""
         import diffusers
         import transformers
         from transformers import Blip2Config, CLIPTextConfig
@@ -94,9 +95,7 @@ class BlipDiffusionPipeline:
         dtype = torch_dtype or torch.float32
         unet = checkpoint.load_diffusers_model(diffusers.UNet2DConditionModel, root, "unet", dtype)
         vae = checkpoint.load_diffusers_model(diffusers.AutoencoderKL, root, "vae", dtype)
-        controlnet = None
-        if "controlnet" in index:
-            controlnet = checkpoint.load_diffusers_model(diffusers.ControlNetModel, root, "controlnet", dtype)
+        controlnet = checkpoint.load_controlnets(root, index, dtype) if load_controlnet else None
         scheduler_class = getattr(diffusers, index["scheduler"][1], None)
         if scheduler_class is None:
             raise CheckpointError(f"scheduler: diffusers has no {index['scheduler'][1]}")
@@ -170,7 +169,8 @@ class BlipDiffusionPipeline:
             "scheduler": ["diffusers", type(self.scheduler).__name__]}
         index.pop("controlnet", None)
         if self.controlnet is not None:
-            self.controlnet.save_pretrained(root / "controlnet", safe_serialization=True)
+            # Several ControlNets (MultiControlNetModel) go to controlnet/, controlnet_1/, ..., as diffusers saves them.
+            self.controlnet.save_pretrained(str(root / "controlnet"), safe_serialization=True)
             index["controlnet"] = ["diffusers", type(self.controlnet).__name__]
         (root / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
@@ -218,23 +218,38 @@ class BlipDiffusionPipeline:
 
     # ----------------------------------------------------------------------------- the subject
     @torch.no_grad()
-    def subject_embedding(self, images: ImageInput | Sequence[ImageInput], subject: str,
+    def subject_embedding(self, images: ImageInput | Sequence[ImageInput], subject: str | Sequence[str],
                           weights: Sequence[float] | None = None) -> torch.Tensor:
         """The subject embedding [1, num_query_tokens, hidden] of one reference image, or the (weighted)
-        mean over several images of the same subject."""
-        if not isinstance(subject, str) or not subject.strip():
-            raise ValueError("the subject text is empty: name the subject's category, e.g. 'dog'")
+        mean over several: photos of one subject, or of different subjects (``subject`` then names each
+        image's category) to blend them (paper figure 9's subject interpolation)."""
         images = list(images) if isinstance(images, (list, tuple)) else [images]
         if not images:
             raise ValueError("no reference image")
-        pixels = self.image_processor.preprocess(images).to(self.device, self.qformer.query_tokens.dtype)
-        text = self.subject_tokenizer([subject] * len(images), return_tensors="pt", padding=True)
-        embeds = self.qformer(pixels, text.input_ids.to(self.device), text.attention_mask.to(self.device))
+        subjects = [subject] * len(images) if isinstance(subject, str) else list(subject)
+        if len(subjects) != len(images):
+            raise ValueError(f"{len(subjects)} subject texts for {len(images)} images: give one, or one per image")
+        if any(not isinstance(text, str) or not text.strip() for text in subjects):
+            raise ValueError("the subject text is empty: name the subject's category, e.g. 'dog'")
+        if weights is not None:
+            weight = torch.as_tensor([float(value) for value in weights], dtype=torch.float32)
+            if weight.shape != (len(images),) or (weight < 0).any() or weight.sum() <= 0:
+                raise ValueError(f"weights: one non-negative weight per image ({len(images)}), not all zero; "
+                                 f"got {list(weights)}")
+        # One Q-Former batch per subject text: padding one text to another's length would change its
+        # embedding in the last bits, and a blend at weights 1/0 would then differ from the subject alone.
+        embeds = torch.empty(0)
+        for text in dict.fromkeys(subjects):
+            positions = [position for position, name in enumerate(subjects) if name == text]
+            pixels = self.image_processor.preprocess([images[position] for position in positions]).to(
+                self.device, self.qformer.query_tokens.dtype)
+            tokens = self.subject_tokenizer([text] * len(positions), return_tensors="pt", padding=True)
+            group = self.qformer(pixels, tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device))
+            if embeds.numel() == 0:
+                embeds = group.new_empty((len(images), *group.shape[1:]))
+            embeds[positions] = group
         if weights is None:
             return embeds.mean(dim=0, keepdim=True)
-        weight = torch.as_tensor(list(weights), dtype=torch.float32)
-        if weight.shape != (len(images),) or (weight < 0).any() or weight.sum() <= 0:
-            raise ValueError(f"weights: one non-negative weight per image ({len(images)}), not all zero")
         weight = (weight / weight.sum()).to(embeds.device, embeds.dtype)
         return (embeds * weight[:, None, None]).sum(dim=0, keepdim=True)
 
@@ -251,6 +266,16 @@ class BlipDiffusionPipeline:
         self.unet, embeds = apply_subject(self.unet, folder)
         self._subject = folder
         return embeds.to(self.device, self.qformer.query_tokens.dtype)
+
+    def edit(self, prompt: str, subject: str, edit_token: str, reference_image: ImageInput | list[ImageInput] | None = None,
+             **options: Any):
+        """Subject-driven editing with attention control: the subject in place of ``edit_token`` in a source
+        picture, generated (``source_prompt=``, ``generator=``) or a real photo (``source_image=``). Returns
+        an ``EditOutput`` (edited image, source image, mask); the options are
+        ``attention_control.edit``'s."""
+        from blipdiff.models.blip_diffusion import attention_control
+
+        return attention_control.edit(self, prompt, subject, edit_token, reference_image, **options)
 
     # ------------------------------------------------------------------------------ the prompt
     @staticmethod
@@ -308,6 +333,20 @@ class BlipDiffusionPipeline:
         per prompt); ``target_subject_category`` (default: the source) goes into the prompt.
         ``subject_embeds`` ([1 or len(prompt), Q, D], e.g. from ``subject_embedding``) replaces the
         reference image. ``generator`` may be one generator or one per image."""
+        context, guided, batch = self._prepare(
+            prompt, reference_image, source_subject_category, target_subject_category, guidance_scale, height, width,
+            neg_prompt, prompt_strength, prompt_reps, output_type, subject_embeds, reference_weights,
+            num_images_per_prompt)
+        latents = self._denoise(batch, height, width, num_inference_steps, guidance_scale, generator, latents, context)
+        images = self.decode(latents, output_type or "pil")
+        return BlipDiffusionPipelineOutput(images=images) if return_dict else (images,)
+
+    def _prepare(self, prompt, reference_image, source_subject_category, target_subject_category, guidance_scale: float,
+                 height: int, width: int, neg_prompt, prompt_strength: float, prompt_reps: int, output_type: str | None,
+                 subject_embeds: torch.Tensor | None, reference_weights, num_images_per_prompt: int,
+                 ) -> tuple[torch.Tensor, bool, int]:
+        """Check the arguments and encode the prompts: the U-Net's context ([negatives;] prompts, each
+        repeated ``num_images_per_prompt`` times), whether guidance is on, and the number of images."""
         output_type = output_type or "pil"
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, not {output_type!r}")
@@ -332,25 +371,38 @@ class BlipDiffusionPipeline:
             groups = 2 if guided else 1
             context = context.view(groups, count, *context.shape[1:]).repeat_interleave(
                 num_images_per_prompt, dim=1).flatten(0, 1)
-        batch = count * num_images_per_prompt
+        return context, guided, count * num_images_per_prompt
 
+    def _denoise(self, batch: int, height: int, width: int, num_inference_steps: int, guidance_scale: float, generator,
+                 latents: torch.Tensor | None, context: torch.Tensor,
+                 residuals: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], dict[str, Any]] | None = None,
+                 ) -> torch.Tensor:
+        """The denoising loop from the initial noise to the final latents. ``residuals(model_input, t,
+        context)`` gives extra U-Net arguments at each step (a ControlNet's residuals)."""
+        guided = guidance_scale > 1.0
         # Timesteps stay on the CPU (as in the released pipeline): PNDM indexes CPU tables with them, and
         # GPU timesteps would cost a device-to-host wait every step. They are set before the initial
         # noise is scaled: sigma-based schedulers (Euler, ...) derive init_noise_sigma from them.
         self.scheduler.set_timesteps(num_inference_steps)
         latents = self._initial_latents(batch, height, width, generator, latents)
         step_kwargs = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
+        context = context.to(self.unet.dtype)
         for t in tqdm(self.scheduler.timesteps, **self._progress_bar_config):
             model_input = torch.cat([latents] * 2) if guided else latents
             model_input = self.scheduler.scale_model_input(model_input, t).to(self.unet.dtype)
-            noise = self.unet(model_input, t, encoder_hidden_states=context.to(self.unet.dtype)).sample.float()
+            extra = residuals(model_input, t, context) if residuals is not None else {}
+            noise = self.unet(model_input, t, encoder_hidden_states=context, **extra).sample.float()
             if guided:
                 unconditional, conditional = noise.chunk(2)
                 noise = unconditional + guidance_scale * (conditional - unconditional)
             latents = self.scheduler.step(noise, t, latents, **step_kwargs).prev_sample
+        return latents
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, output_type: str = "pil") -> list[Image.Image] | np.ndarray | torch.Tensor:
+        """Latents → images, as ``output_type``."""
         decoded = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
-        images = postprocess(decoded, output_type)
-        return BlipDiffusionPipelineOutput(images=images) if return_dict else (images,)
+        return postprocess(decoded, output_type)
 
     def _subject_embeds(self, count: int, reference_image, sources: list[str] | None,
                         subject_embeds: torch.Tensor | None, weights: Sequence[float] | None) -> torch.Tensor:
