@@ -25,8 +25,9 @@ def test_help_lists_the_commands_without_importing_heavy_libraries():
     done = blipdiff("--help")
     assert done.returncode == 0
     listed = set(re.findall(r"^│ ([a-z][\w-]*) {2,}", done.stdout, re.MULTILINE))
-    assert listed == {"filter", "fetch", "build", "matte", "catalog", "app", "generate", "finetune", "encode-latents",
-                      "pretrain", "score", "eval", "pin-baseline", "serve", "server", "demo"}
+    assert listed == {"filter", "fetch", "build", "matte", "catalog", "app", "generate", "edit", "interpolate",
+                      "finetune", "encode-latents", "pretrain", "score", "eval", "pin-baseline", "serve", "server",
+                      "demo"}
     probe = (
         "import sys, blipdiff.infra.cli; "
         "heavy = {'pandas', 'pyarrow', 'torch', 'transformers', 'diffusers', 'ray', 'prefect', 'fiftyone'}; "
