@@ -204,3 +204,34 @@ def test_generate_with_control_matches_the_python_api(checkpoint, second_control
         done = runner.invoke(app, [*common, "--out", str(out), *extra])
         assert done.exit_code == 2 and message in done.output, (extra, done.output)
         assert not out.exists()
+
+
+def test_a_controlnet_hub_id_loads_offline_from_the_hugging_face_cache(checkpoint, second_controlnet, photos, tmp_path):
+    """`--controlnet owner/name` as huggingface_hub caches a Stable Diffusion ControlNet; one not cached
+    is a one-line error while offline."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    repo = tmp_path / "hf-home" / "hub" / "models--lllyasviel--sd-controlnet-canny"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(second_controlnet, repo / "snapshots" / commit)
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home"), "OMP_NUM_THREADS": "1"}
+    command = [str(Path(sys.executable).parent / "blipdiff"), "generate", "--model", str(checkpoint), "--subject",
+               "dog", "--prompt", "in the jungle", "--image", str(photos["dog"]), "--steps", str(STEPS), "--height",
+               str(SIZE), "--width", str(SIZE), "--control", str(photos["can"])]
+    done = subprocess.run([*command, "--controlnet", "lllyasviel/sd-controlnet-canny", "--out", str(tmp_path / "hub")],
+                          capture_output=True, text=True, env=environment, timeout=300)
+    assert done.returncode == 0, done.stderr
+    by_folder = subprocess.run([*command, "--controlnet", str(second_controlnet), "--out", str(tmp_path / "folder")],
+                               capture_output=True, text=True, env=environment, timeout=300)
+    assert by_folder.returncode == 0, by_folder.stderr
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "hub" / "p000_i00.png")),
+                                  np.asarray(Image.open(tmp_path / "folder" / "p000_i00.png")))
+    missing = subprocess.run([*command, "--controlnet", "lllyasviel/sd-controlnet-depth", "--out",
+                              str(tmp_path / "missing")], capture_output=True, text=True, env=environment, timeout=300)
+    assert missing.returncode == 2 and missing.stderr.startswith("error: controlnet lllyasviel/sd-controlnet-depth")
+    assert "Traceback" not in missing.stderr and len(missing.stderr.strip().splitlines()) == 1, missing.stderr

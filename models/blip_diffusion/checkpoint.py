@@ -36,7 +36,7 @@ class CheckpointError(ValueError):
     """The checkpoint cannot be found or does not fit the architecture; the message says why."""
 
 
-def _is_hub_id(text: str) -> bool:
+def is_hub_id(text: str) -> bool:
     parts = text.split("/")
     return len(parts) == 2 and all(parts) and not text.startswith((".", "~")) and "\\" not in text
 
@@ -54,7 +54,7 @@ def resolve(model: str | os.PathLike, components: Sequence[str] = REQUIRED,
         read_index(path, components)
         return path
     text = str(model)
-    if not _is_hub_id(text):
+    if not is_hub_id(text):
         raise CheckpointError(f"{text}: no such folder (and not a hub id of the form owner/name)")
     from huggingface_hub import hf_hub_download, snapshot_download
     from huggingface_hub.errors import (EntryNotFoundError, LocalEntryNotFoundError, OfflineModeIsEnabled,
@@ -185,8 +185,11 @@ def require_vocabulary(tokenizer, source: object, embeddings: int) -> None:
         raise CheckpointError(f"{source}: {len(tokenizer)} tokens, more than the model's {embeddings} embeddings")
 
 
-def load_diffusers_model(model_class: type, root: Path, component: str, dtype: torch.dtype) -> nn.Module:
-    """A diffusers model (U-Net, VAE, ControlNet) with every key accounted for."""
+def load_diffusers_model(model_class: type, root: Path, component: str, dtype: torch.dtype,
+                         label: str | None = None) -> nn.Module:
+    """A diffusers model (U-Net, VAE, ControlNet) from ``root / component`` with every key accounted for;
+    ``label`` names it in errors (default: ``component``)."""
+    label = label or component
     from diffusers.utils import logging as diffusers_logging
 
     # Saying which format to read spares diffusers' search for the other one and its message about it.
@@ -199,12 +202,37 @@ def load_diffusers_model(model_class: type, root: Path, component: str, dtype: t
         model, info = model_class.from_pretrained(root, subfolder=component, torch_dtype=dtype,
                                                   use_safetensors=safetensors, output_loading_info=True)
     except (OSError, ValueError) as error:  # diffusers' words for a missing file or a misshapen key
-        raise CheckpointError(f"{component}: {str(error).split('. If you want')[0]}") from error
+        raise CheckpointError(f"{label}: {str(error).split('. If you want')[0]}") from error
     finally:
         diffusers_logging.set_verbosity(verbosity)
-    raise_for_keys(component, info["missing_keys"], info["unexpected_keys"],
+    raise_for_keys(label, info["missing_keys"], info["unexpected_keys"],
                    [str(key) for key in info.get("mismatched_keys", [])])
     return model.eval()
+
+
+def fetch_controlnet(repo_id: str) -> Path:
+    """A Stable Diffusion ControlNet repository (config.json and its weights, safetensors preferred) from
+    the hub, or from the Hugging Face cache offline; its local snapshot folder."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (EntryNotFoundError, LocalEntryNotFoundError, OfflineModeIsEnabled,
+                                        RepositoryNotFoundError)
+
+    try:
+        folder = Path(hf_hub_download(repo_id, "config.json")).parent
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as error:
+        raise CheckpointError(
+            f"controlnet {repo_id}: not a local folder, and the hub id is not in the Hugging Face cache while "
+            "offline (HF_HUB_OFFLINE=1): download it once online, or pass a local folder") from error
+    except (RepositoryNotFoundError, EntryNotFoundError) as error:
+        raise CheckpointError(f"controlnet {repo_id}: no such folder, and no ControlNet on the hub under that id") from error
+    for weights in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"):
+        try:
+            hf_hub_download(repo_id, weights)
+            return folder
+        except (EntryNotFoundError, LocalEntryNotFoundError, OfflineModeIsEnabled):
+            continue
+    raise CheckpointError(f"controlnet {repo_id}: its weights (diffusion_pytorch_model.safetensors or .bin) are "
+                          "neither on the hub nor in the Hugging Face cache")
 
 
 def load_controlnets(root: Path, index: Mapping[str, Any], dtype: torch.dtype) -> nn.Module | None:

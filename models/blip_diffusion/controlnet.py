@@ -60,22 +60,23 @@ def prepare_control_image(image: ImageInput, width: int, height: int) -> torch.T
 
 
 def load_controlnet(source: ControlNetInput, dtype: torch.dtype | None = None):
-    """A ControlNetModel from a model, a hub id (offline: from the Hugging Face cache) or a folder: a
-    ControlNet's own folder, or a BLIP-Diffusion checkpoint with a ``controlnet/`` folder."""
+    """A ControlNetModel from a model, a folder (a ControlNet's own, or a BLIP-Diffusion checkpoint with a
+    ``controlnet/`` folder) or a hub id (offline: from the Hugging Face cache), every key accounted for."""
     import diffusers
 
     if isinstance(source, diffusers.ControlNetModel):
         return source if dtype is None else source.to(dtype)
     path = Path(source).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file() and (path / "controlnet" / "config.json").is_file():
+    if not path.exists():
+        if not checkpoint.is_hub_id(str(source)):
+            raise CheckpointError(f"controlnet {source}: no such folder (and not a hub id of the form owner/name)")
+        path = checkpoint.fetch_controlnet(str(source))
+    elif not (path / "config.json").is_file():
+        if (path / "controlnet" / "config.json").is_file():
             return checkpoint.load_diffusers_model(diffusers.ControlNetModel, path, "controlnet", dtype or torch.float32)
-        if not (path / "config.json").is_file():
-            raise CheckpointError(f"controlnet {path}: no config.json (nor controlnet/config.json)")
-    try:
-        return diffusers.ControlNetModel.from_pretrained(str(source), torch_dtype=dtype or torch.float32).eval()
-    except (OSError, ValueError, EnvironmentError) as error:
-        raise CheckpointError(f"controlnet {source}: cannot load it ({str(error).splitlines()[0]})") from error
+        raise CheckpointError(f"controlnet {path}: no config.json (nor controlnet/config.json)")
+    return checkpoint.load_diffusers_model(diffusers.ControlNetModel, path.parent, path.name, dtype or torch.float32,
+                                           label=f"controlnet {source}")
 
 
 def _as_nets(controlnet) -> list:
