@@ -431,7 +431,8 @@ def run_eval(config: EvalConfig, log: Callable[[str], None] = print,
     facts = _subject_facts(config.out, subjects, facts)
 
     settings = config.settings()
-    created = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    # To the millisecond: history orders runs by it, and two runs of a small benchmark can end in one second.
+    created = datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
     versions = json.dumps({name: version(name) for name in ("blipdiff", "torch", "diffusers", "transformers")})
     generations = pd.DataFrame([{**job, **facts.get(job["subject"], {})} for job in jobs])
     generations = generations.assign(

@@ -271,7 +271,7 @@ def test_the_dreambench_eval_flow_evaluates_the_newest_checkpoint_and_fails_on_a
     # A better run before this one: the next run falls from it, by far more than seed noise.
     import datetime
 
-    now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    now = datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
     better = {**first[0], "run_id": "better", "time": now, "dino": first[0]["dino"] + 0.2,
               "per_subject": {s: {**v, "dino": v["dino"] + 0.2} for s, v in first[0]["per_subject"].items()}}
     append_run(root, better)
