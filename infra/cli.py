@@ -243,6 +243,9 @@ def generate_command(
         help="Stable Diffusion 1.5 ControlNet (hub id or folder) per --control; default: the checkpoint's own.")] = None,
     control_scale: Annotated[list[float] | None, typer.Option(
         help="ControlNet residual scale; one, or one per --control (0 switches one off).")] = None,
+    method: Annotated[str, typer.Option(
+        help="blip-diffusion, or dreambooth: --model is the base, --subject-checkpoint a `blipdiff dreambooth` "
+             "output, and each prompt names the subject by its identifier.")] = "blip-diffusion",
 ) -> None:
     """Subject-driven generation with BLIP-Diffusion: PNGs plus a sidecar that makes each again exactly.
     With --control, under the structure of the control images (ControlNet); with --weights, a blend."""
@@ -256,7 +259,8 @@ def generate_command(
             negative_prompt=negative_prompt, steps=steps, guidance=guidance, seed=seed, num_images=num_images,
             height=height, width=width, scheduler=scheduler, dtype=dtype, device=device,
             image_subjects=image_subject or [], weights=_numbers(weights, "--weights"), controls=control or [],
-            control_types=control_type or ["image"], controlnets=controlnet or [], control_scales=control_scale or [1.0])
+            control_types=control_type or ["image"], controlnets=controlnet or [], control_scales=control_scale or [1.0],
+            method=method)
     except ValidationError as error:
         raise _fail("; ".join(_validation_messages(error))) from error
     try:
@@ -397,6 +401,54 @@ def finetune_command(
     except (ValueError, OSError) as error:  # CheckpointError is a ValueError
         raise _fail(str(error)) from error
     typer.echo(f"use it: blipdiff generate --model {model} --subject-checkpoint {out} --subject {subject} --prompt ...")
+
+
+@app.command("dreambooth")
+def dreambooth_command(
+    base: Annotated[str, typer.Option(
+        help="Stable Diffusion 1.5 (diffusers layout) or a BLIP-Diffusion checkpoint: hub id or folder.")],
+    images: Annotated[list[Path], typer.Option(help="Photo of the subject, or a folder of them; repeatable.")],
+    class_noun: Annotated[str, typer.Option(help="The subject's class, e.g. dog.")],
+    out: Annotated[Path, typer.Option(help="Folder for the run and its subject checkpoint.")],
+    identifier: Annotated[str, typer.Option(help="The rare token that names the subject (one word).")] = "sks",
+    steps: Annotated[int, typer.Option(help="Training steps.")] = 800,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate, constant.")] = 5e-6,
+    batch_size: Annotated[int, typer.Option(help="Subject photos per step and worker (as many class images).")] = 1,
+    prior_preservation: Annotated[bool, typer.Option(
+        help="Add the class-specific prior-preservation loss on the base model's own 'a <class>' images.")] = False,
+    num_class_images: Annotated[int, typer.Option(help="Class images, generated once and cached.")] = 200,
+    prior_loss_weight: Annotated[float, typer.Option(help="λ, the prior loss's weight.")] = 1.0,
+    train_text_encoder: Annotated[bool, typer.Option(help="Fine-tune the text encoder too.")] = False,
+    mode: Annotated[str, typer.Option(help="full (what training changed) or lora (peft adapters).")] = "full",
+    lora_rank: Annotated[int, typer.Option(help="Rank of the LoRA adapters.")] = 16,
+    precision: Annotated[str, typer.Option(help="bf16 (autocast over fp32 weights) or fp32.")] = "bf16",
+    resolution: Annotated[int, typer.Option(help="Side of the square training images.")] = 512,
+    seed: Annotated[int, typer.Option(help="Seed of the noise, timesteps, photo order and class images.")] = 0,
+    class_images: Annotated[Path, typer.Option(help="Cache of class images, shared by runs.")] = Path("class-images"),
+    workers: Annotated[int, typer.Option(help="Ray Train workers (gradients averaged).")] = 1,
+    checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints (a rerun resumes).")] = 100,
+) -> None:
+    """DreamBooth on Stable Diffusion, the paper's baseline: a subject checkpoint for prompts with the identifier."""
+    from blipdiff.models.training.dreambooth import DreamBoothConfig
+    from pydantic import ValidationError
+
+    try:
+        config = DreamBoothConfig(
+            base=base, images=images, class_noun=class_noun, out=out, identifier=identifier, steps=steps, lr=lr,
+            batch_size=batch_size, prior_preservation=prior_preservation, num_class_images=num_class_images,
+            prior_loss_weight=prior_loss_weight, train_text_encoder=train_text_encoder, mode=mode, lora_rank=lora_rank,
+            precision=precision, resolution=resolution, seed=seed, class_images=class_images, workers=workers,
+            checkpoint_every=checkpoint_every)
+    except ValidationError as error:
+        raise _fail("; ".join(_validation_messages(error))) from error
+    from blipdiff.models.training.dreambooth import run_dreambooth
+
+    try:
+        run_dreambooth(config, log=typer.echo)
+    except (ValueError, OSError) as error:  # CheckpointError is a ValueError
+        raise _fail(str(error)) from error
+    typer.echo(f"use it: blipdiff generate --method dreambooth --model {base} --subject-checkpoint {out} "
+               f"--subject {class_noun} --prompt 'a {identifier} {class_noun} in the jungle'")
 
 
 @app.command("encode-latents")

@@ -31,7 +31,9 @@ class GenerateConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    model: str = Field(description="Hub id or local checkpoint folder in the official layout.")
+    model: str = Field(description="Hub id or local checkpoint folder in the official layout (dreambooth: the base).")
+    method: Literal["blip-diffusion", "dreambooth"] = Field(
+        "blip-diffusion", description="dreambooth: the base with a `blipdiff dreambooth` subject checkpoint.")
     images: list[Path] = Field(default_factory=list, description="Reference photos of the subject (averaged).")
     image_subjects: list[SubjectText] = Field(
         default_factory=list, description="Each reference photo's category, to blend different subjects (default: subject).")
@@ -68,6 +70,13 @@ class GenerateConfig(BaseModel):
 
     @model_validator(mode="after")
     def _images_readable(self) -> GenerateConfig:
+        if self.method == "dreambooth":
+            if self.subject_checkpoint is None or self.images or self.controls:
+                raise ValueError("--method dreambooth takes a `blipdiff dreambooth` output as --subject-checkpoint, "
+                                 "and no --image or --control")
+            if not self.subject_checkpoint.is_dir():
+                raise ValueError(f"subject checkpoint {self.subject_checkpoint}: no such folder")
+            return self
         if bool(self.images) == (self.subject_checkpoint is not None):
             raise ValueError("give reference images (--image) or a subject checkpoint (--subject-checkpoint), one of them")
         if self.subject_checkpoint is not None and not self.subject_checkpoint.is_dir():
@@ -168,7 +177,17 @@ def generate_images(config: GenerateConfig, log=print) -> Path:
     check_device(config.device)
     dtype = getattr(torch, config.dtype)
     controls = config.control_pairs()
-    if controls:
+    conditions, extra = [], {}
+    if config.method == "dreambooth":
+        from blipdiff.models.dreambooth import load_dreambooth, read_record
+
+        record = read_record(config.subject_checkpoint)
+        unnamed = [prompt for prompt in config.prompts if record["identifier"] not in prompt.split()]
+        if unnamed:
+            raise ValueError(f"a DreamBooth prompt names the subject by its identifier, as in "
+                             f"'{record['prompt']} in the jungle'; these do not: {unnamed}")
+        pipe = load_dreambooth(config.model, config.subject_checkpoint, dtype, config.device)
+    elif controls:
         pipe = BlipDiffusionControlNetPipeline.from_pretrained(config.model, torch_dtype=dtype, device=config.device,
                                                                controlnet=config.controlnets or None)
         if len(pipe.controlnets) != len(controls):
@@ -179,13 +198,25 @@ def generate_images(config: GenerateConfig, log=print) -> Path:
     else:
         pipe = BlipDiffusionPipeline.from_pretrained(config.model, torch_dtype=dtype, device=config.device,
                                                      load_controlnet=False)
-        conditions, extra = [], {}
     pipe.scheduler = getattr(diffusers, SCHEDULERS[config.scheduler]).from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    if config.subject_checkpoint is not None:
-        subject_embeds = pipe.load_subject(config.subject_checkpoint)
+    if config.method == "dreambooth":
+        def make(prompt: str, generator):
+            return pipe(prompt, negative_prompt=config.negative_prompt, guidance_scale=config.guidance,
+                        height=config.height, width=config.width, num_inference_steps=config.steps,
+                        generator=generator).images[0]
     else:
-        subject_embeds = pipe.subject_embedding(config.images, config.image_subjects or config.subject, config.weights)
+        if config.subject_checkpoint is not None:
+            subject_embeds = pipe.load_subject(config.subject_checkpoint)
+        else:
+            subject_embeds = pipe.subject_embedding(config.images, config.image_subjects or config.subject,
+                                                    config.weights)
+
+        def make(prompt: str, generator):
+            return pipe(prompt, target_subject_category=config.target_subject or config.subject,
+                        subject_embeds=subject_embeds, guidance_scale=config.guidance, height=config.height,
+                        width=config.width, num_inference_steps=config.steps, neg_prompt=config.negative_prompt,
+                        generator=generator, **extra).images[0]
 
     config.out.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(config.out)
@@ -200,11 +231,7 @@ def generate_images(config: GenerateConfig, log=print) -> Path:
         missing = [k for k, name in enumerate(names) if not (config.out / name).is_file()]
         for k in missing:
             # One image per call: a batch rounds differently from the single call that remakes the image.
-            image = pipe(
-                prompt, target_subject_category=config.target_subject or config.subject,
-                subject_embeds=subject_embeds, guidance_scale=config.guidance, height=config.height,
-                width=config.width, num_inference_steps=config.steps, neg_prompt=config.negative_prompt,
-                generator=torch.Generator("cpu").manual_seed(config.seed + k), **extra).images[0]
+            image = make(prompt, torch.Generator("cpu").manual_seed(config.seed + k))
             with atomic_path(config.out / names[k]) as partial:
                 image.save(partial, format="PNG")
         log(f"prompt {prompt_index + 1}/{len(config.prompts)}: {len(missing)} made, "

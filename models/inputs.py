@@ -41,6 +41,26 @@ def readable_image(path: Path) -> None:
         raise ValueError(f"{path}: not a readable image ({error})") from error
 
 
+def find_photos(paths: list[Path]) -> list[Path]:
+    """Every photo that ``paths`` names, folders expanded (their image files, sorted); an error names what
+    is missing or unreadable, or says that there are none."""
+    from blipdiff.datasets.decode import IMAGE_SUFFIXES
+
+    photos: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            photos += sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.exists():
+            photos.append(path)
+        else:
+            raise ValueError(f"{path}: no such file or folder")
+    if not photos:
+        raise ValueError(f"no photos in {', '.join(map(str, paths))}")
+    for photo in photos:
+        readable_image(photo)
+    return photos
+
+
 def model_location(model: str) -> str:
     """A local checkpoint folder as an absolute path (a rerun from elsewhere names the same one); a hub
     id as it is."""

@@ -102,7 +102,10 @@ def perturb(module: torch.nn.Module, generator: torch.Generator, scale: float = 
                 value.add_(torch.randn(value.shape, generator=generator) * scale)
 
 
-def _tiny_blip_diffusion_modules(qformer_config, text_config) -> dict[str, torch.nn.Module]:
+def _tiny_blip_diffusion_modules(qformer_config, text_config, text_only: torch.nn.Module | None = None,
+                                 ) -> dict[str, torch.nn.Module]:
+    """The tiny U-Net and VAE with the Q-Former and context text encoder, or (``text_only``: a Stable
+    Diffusion's) with that text encoder alone."""
     import diffusers
     from blipdiff.models.blip_diffusion import ContextCLIPTextModel, SubjectEncoder
 
@@ -113,8 +116,36 @@ def _tiny_blip_diffusion_modules(qformer_config, text_config) -> dict[str, torch
     vae = diffusers.AutoencoderKL(
         in_channels=3, out_channels=3, block_out_channels=(8, 16), latent_channels=4, norm_num_groups=4,
         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=32)
+    if text_only is not None:
+        return {"text_encoder": text_only, "unet": unet, "vae": vae}
     return {"qformer": SubjectEncoder(qformer_config), "text_encoder": ContextCLIPTextModel(text_config),
             "unet": unet, "vae": vae}
+
+
+def save_tiny_stable_diffusion(folder: Path, seed: int = 0) -> Path:
+    """A random Stable Diffusion in the diffusers layout (``StableDiffusionPipeline.save_pretrained``, no
+    safety checker), with the tiny BLIP-Diffusion's U-Net, VAE, CLIP text encoder and tokenizer shapes."""
+    import diffusers
+
+    tokenizer = fixed_clip_tokenizer()
+    tokenizer.model_max_length = 77  # as Stable Diffusion's tokenizer_config.json has it
+    text_config = transformers.CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=77, hidden_act="quick_gelu", pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        modules = _tiny_blip_diffusion_modules(None, None, text_only=transformers.CLIPTextModel(text_config))
+    generator = torch.Generator().manual_seed(seed)
+    for module in modules.values():
+        perturb(module, generator)
+    scheduler = diffusers.PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                        skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1)
+    diffusers.StableDiffusionPipeline(
+        vae=modules["vae"], text_encoder=modules["text_encoder"], tokenizer=tokenizer, unet=modules["unet"],
+        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    ).save_pretrained(folder, safe_serialization=True)
+    return folder
 
 
 def tiny_controlnet(seed: int = 0):

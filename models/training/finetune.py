@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 from blipdiff.infra.atomic import atomic_folder
 from blipdiff.models.blip_diffusion.subject_checkpoint import (EMBEDDING_FILE, LORA_FOLDER, LORA_TARGETS, LORA_WEIGHTS,
                                                                SUBJECT_FILE, UNET_FOLDER)
-from blipdiff.models.inputs import ImageSide, SubjectText, model_location, readable_image
+from blipdiff.models.inputs import ImageSide, SubjectText, find_photos, model_location
 from blipdiff.models.training.optimizer import adamw
 
 
@@ -55,30 +55,12 @@ class FinetuneConfig(BaseModel):
 
     @model_validator(mode="after")
     def _photos_readable(self) -> FinetuneConfig:
-        self._photos = self._find_photos()
+        self._photos = find_photos(self.images)
         return self
 
     def photos(self) -> list[Path]:
         """Every photo named, folders expanded."""
         return list(self._photos)
-
-    def _find_photos(self) -> list[Path]:
-        """An error names what is missing or unreadable."""
-        from blipdiff.datasets.decode import IMAGE_SUFFIXES
-
-        photos: list[Path] = []
-        for path in self.images:
-            if path.is_dir():
-                photos += sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-            elif path.exists():
-                photos.append(path)
-            else:
-                raise ValueError(f"{path}: no such file or folder")
-        if not photos:
-            raise ValueError(f"no photos in {', '.join(map(str, self.images))}")
-        for photo in photos:
-            readable_image(photo)
-        return photos
 
     def settings(self) -> dict:
         settings = self.model_dump(mode="json", exclude={"out", "device"})
