@@ -564,9 +564,19 @@ def score_command(
 
 @app.command("eval")
 def eval_command(
-    model: Annotated[str, typer.Option(help="Hub id or local checkpoint folder (the official layout).")],
     dreambench: Annotated[Path, typer.Option(help="DreamBench's dataset folder (DreamBooth's layout).")],
     out: Annotated[Path, typer.Option(help="Run folder; rerunning the command finishes it.")],
+    model: Annotated[str | None, typer.Option(help="Hub id or local checkpoint folder (the official layout).")] = None,
+    method: Annotated[str, typer.Option(
+        help="blip-diffusion, or dreambooth (fine-tuned per subject on --base, prompts with the identifier).")]
+    = "blip-diffusion",
+    base: Annotated[str | None, typer.Option(
+        help="DreamBooth's base: Stable Diffusion 1.5 (diffusers layout) or a BLIP-Diffusion checkpoint.")] = None,
+    dreambooth_steps: Annotated[int, typer.Option(help="DreamBooth's steps per subject.")] = 800,
+    dreambooth_lr: Annotated[float, typer.Option(help="DreamBooth's learning rate.")] = 5e-6,
+    prior_preservation: Annotated[bool, typer.Option(help="DreamBooth's prior-preservation loss.")] = True,
+    num_class_images: Annotated[int, typer.Option(help="DreamBooth's class images per class.")] = 200,
+    identifier: Annotated[str, typer.Option(help="DreamBooth's identifier.")] = "sks",
     mode: Annotated[str, typer.Option(help="zero-shot, or finetuned (blipdiff finetune per subject first).")] = "zero-shot",
     subjects: Annotated[str, typer.Option(help="Comma-separated subjects (default: all 30).")] = "",
     prompts: Annotated[int, typer.Option(help="The first N of each subject's 25 prompts.")] = 25,
@@ -589,13 +599,18 @@ def eval_command(
     dataset: Annotated[str, typer.Option(help="FiftyOne dataset of the catalog (empty: none).")] = "dreambench",
     actors: Annotated[int, typer.Option(help="Generation actors on Ray (one model each; one per GPU, say).")] = 1,
 ) -> None:
-    """Evaluate a model on DreamBench by the paper's protocol: generate, score, report and catalogue."""
+    """Evaluate a model on DreamBench by the paper's protocol: generate, score, report and catalogue. With
+    --method dreambooth, DreamBooth on --base, by the same protocol and metrics."""
     from blipdiff.models.evaluation import EvalConfig
     from pydantic import ValidationError
 
+    if (method == "dreambooth") != (base is not None) or (model is None) == (base is None):
+        raise _fail("give --model (BLIP-Diffusion), or --method dreambooth with --base")
     try:
         config = EvalConfig(
-            model=model, dreambench=dreambench, out=out, mode=mode, subjects=subjects.split(",") if subjects else [],
+            model=model or base, method=method, dreambooth_steps=dreambooth_steps, dreambooth_lr=dreambooth_lr,
+            prior_preservation=prior_preservation, num_class_images=num_class_images, identifier=identifier,
+            dreambench=dreambench, out=out, mode=mode, subjects=subjects.split(",") if subjects else [],
             prompts=prompts, images_per_prompt=images_per_prompt, steps=steps, guidance=guidance, seed_sets=seed_sets,
             reference=reference, resolution=resolution, negative_prompt=negative_prompt, finetune_steps=finetune_steps,
             finetune_mode=finetune_mode, finetune_precision=finetune_precision, dtype=dtype, dino=dino, clip=clip,
@@ -617,6 +632,27 @@ def eval_command(
     typer.echo(f"report -> {out / 'report.md'}")
     if "catalog" in summary:
         typer.echo(f"FiftyOne dataset {summary['catalog']['dataset']!r}: `blipdiff app --dataset {summary['catalog']['dataset']}`")
+
+
+@app.command("compare")
+def compare_command(
+    runs: Annotated[list[Path], typer.Argument(help="Evaluation run folders (blipdiff eval --out), two or more.")],
+    out: Annotated[Path | None, typer.Option(help="Also write the table to this markdown file.")] = None,
+) -> None:
+    """Evaluation runs side by side: DINO, CLIP-I, CLIP-T (overall, per subject, per prompt kind) beside
+    the papers', and each subject's fine-tuning wall time."""
+    from blipdiff.models.evaluation_report import compare_runs
+
+    try:
+        table = compare_runs(runs)
+    except (ValueError, OSError) as error:
+        raise _fail(str(error)) from error
+    typer.echo(table)
+    if out is not None:
+        from blipdiff.infra.atomic import atomic_path
+
+        with atomic_path(out) as partial:
+            partial.write_text(table, encoding="utf-8")
 
 
 @app.command("serve")

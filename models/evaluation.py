@@ -59,6 +59,8 @@ class EvalSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     dreambench: Path = Field(description="DreamBench's dataset folder (DreamBooth's layout).")
+    method: Literal["blip-diffusion", "dreambooth"] = Field(
+        "blip-diffusion", description="dreambooth: DreamBooth fine-tuned per subject on the model as its base.")
     mode: Literal["zero-shot", "finetuned"] = Field("zero-shot", description="Zero-shot, or fine-tuned per subject.")
     subjects: list[str] = Field(default_factory=list, description="Subjects to evaluate (empty: all of them).")
     prompts: int = Field(25, ge=1, le=25, description="The first N prompts of each subject's list.")
@@ -73,6 +75,11 @@ class EvalSettings(BaseModel):
                                        "(default: the paper's Table 3 per subject).")
     finetune_mode: Literal["full", "lora"] = "full"
     finetune_precision: Literal["bf16", "fp32"] = "bf16"
+    dreambooth_steps: int = Field(800, ge=1, description="DreamBooth's steps per subject.")
+    dreambooth_lr: float = Field(5e-6, gt=0)
+    prior_preservation: bool = Field(True, description="DreamBooth's class-specific prior-preservation loss.")
+    num_class_images: int = Field(200, ge=1)
+    identifier: str = Field("sks", description="DreamBooth's identifier in the prompts.")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto", description="Generation dtype; auto: float16 on a GPU, float32 on the CPU.")
     dino: str = Field(DEFAULT_DINO, description="DINO ViT-S/16: hub id or folder.")
@@ -88,12 +95,24 @@ class EvalSettings(BaseModel):
             raise ValueError("a subject is named twice")
         return names
 
+    @field_validator("identifier")
+    @classmethod
+    def _one_word(cls, value: str) -> str:
+        if not value or any(character.isspace() for character in value):
+            raise ValueError(f"the identifier {value!r} must be one word, without spaces (e.g. sks)")
+        return value
+
     @field_validator("dataset")
     @classmethod
     def _dataset(cls, value: str | None) -> str | None:
         if value is None or not value.strip():
             return None
         return value.strip()
+
+    @property
+    def report_mode(self) -> str:
+        """Which of the paper's numbers the run stands beside: zero-shot, finetuned or dreambooth."""
+        return "dreambooth" if self.method == "dreambooth" else self.mode
 
     def protocol(self) -> dict:
         """What makes two evaluations comparable (the history's fingerprint): everything but the model,
@@ -155,7 +174,13 @@ def plan(config: EvalConfig):
     from blipdiff.models.blip_diffusion import checkpoint
 
     # On the driver first: a wrong model is a one-line error, and a hub id is fetched once for every actor.
-    checkpoint.resolve(config.model)
+    if config.method == "dreambooth":
+        from blipdiff.models.dreambooth import COMPONENTS
+
+        checkpoint.resolve(config.model, COMPONENTS, kind="Stable Diffusion checkpoint (unet, vae, text_encoder, "
+                                                          "tokenizer, scheduler)")
+    else:
+        checkpoint.resolve(config.model)
     bench = read_dreambench(config.dreambench)
     subjects = [bench.subject(name) for name in config.subjects] if config.subjects else list(bench.subjects)
     if config.reference not in ("all", "first"):
@@ -168,7 +193,7 @@ def plan(config: EvalConfig):
         for subject in subjects:
             for photo in reference_photos(config, subject):
                 readable_image(photo)
-    if config.mode == "finetuned" and config.finetune_steps is None:
+    if config.method == "blip-diffusion" and config.mode == "finetuned" and config.finetune_steps is None:
         unknown = [subject.name for subject in subjects if subject.name not in FINETUNE_STEPS]
         if unknown:
             raise ValueError(f"the paper's Table 3 has no fine-tuning steps for {', '.join(unknown)}: "
@@ -181,6 +206,9 @@ def plan(config: EvalConfig):
                     jobs.append({"seed_set": seed_set, "subject": subject.name, "class": subject.class_name,
                                  "live": subject.live, "prompt_index": prompt.index, "prompt": prompt.text,
                                  "context": prompt.context, "kind": prompt.kind, "image_index": image_index,
+                                 # DreamBooth's prompt names the subject by its identifier: "a sks dog in the jungle".
+                                 "generation_prompt": prompt.template.format(config.identifier, subject.class_name)
+                                 if config.method == "dreambooth" else prompt.context,
                                  "seed": image_seed(seed_set, subject.name, prompt.index, image_index),
                                  "path": image_path(seed_set, subject.name, prompt.index, image_index)})
     return bench, subjects, jobs
@@ -232,7 +260,7 @@ class SubjectGenerator:
         self.config = config
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.dtype = _generation_dtype(config.dtype, self.device)
-        self.pipe = None if config.mode == "finetuned" else self._load()
+        self.pipe = None if config.mode == "finetuned" or config.method == "dreambooth" else self._load()
 
     def _load(self):
         import diffusers
@@ -270,6 +298,21 @@ class SubjectGenerator:
 
         config = self.config
         facts: dict = {}
+        if config.method == "dreambooth":
+            import diffusers
+
+            from blipdiff.models.dreambooth import load_dreambooth
+
+            pipe = load_dreambooth(config.model, dreambooth_folder(config.out, subject.name), self.dtype, self.device)
+            pipe.scheduler = diffusers.PNDMScheduler.from_config(pipe.scheduler.config)
+            for job in jobs:
+                start = time.perf_counter()
+                image = pipe(job["generation_prompt"], negative_prompt=config.negative_prompt,
+                             guidance_scale=config.guidance, height=config.resolution, width=config.resolution,
+                             num_inference_steps=config.steps,
+                             generator=torch.Generator("cpu").manual_seed(job["seed"])).images[0]
+                self._keep(subject, job, image, start)
+            return facts
         if config.mode == "finetuned":
             pipe, embeds, facts = self._finetuned(subject)
         else:
@@ -285,11 +328,15 @@ class SubjectGenerator:
                          guidance_scale=config.guidance, height=config.resolution, width=config.resolution,
                          num_inference_steps=config.steps, neg_prompt=config.negative_prompt,
                          generator=torch.Generator("cpu").manual_seed(job["seed"])).images[0]
-            with atomic_path(config.out / job["path"]) as partial:
-                image.save(partial, format="PNG")
-            Journal(journal_path(config.out, job["seed_set"], subject.name)).append(
-                {"path": job["path"], "seed": job["seed"], "seconds": round(time.perf_counter() - start, 4)})
+            self._keep(subject, job, image, start)
         return facts
+
+    def _keep(self, subject, job: dict, image, start: float) -> None:
+        """Write the image atomically, then journal it."""
+        with atomic_path(self.config.out / job["path"]) as partial:
+            image.save(partial, format="PNG")
+        Journal(journal_path(self.config.out, job["seed_set"], subject.name)).append(
+            {"path": job["path"], "seed": job["seed"], "seconds": round(time.perf_counter() - start, 4)})
 
 
 class SubjectScorer:
@@ -380,6 +427,44 @@ def _generate_and_score(config: EvalConfig, bench, subjects, jobs: list[dict], d
     return scores, facts
 
 
+def dreambooth_folder(out: Path, subject: str) -> Path:
+    return out / "dreambooth" / subject
+
+
+def _timing_path(out: Path, subject: str) -> Path:
+    return out / "dreambooth" / f"{subject}.timing.json"
+
+
+def train_dreambooth(config: EvalConfig, subjects, log: Callable[[str], None]) -> None:
+    """DreamBooth for every subject not yet trained, one after the other on the driver (each on Ray Train,
+    with the whole GPU), before the generation actors start. The class images (cached in
+    ``RUN/class-images``, shared by the subjects of a class) are made first and timed apart, so that each
+    subject's fine-tuning wall time is its own."""
+    from blipdiff.models.dreambooth import RECORD_FILE
+    from blipdiff.models.training.dreambooth import DreamBoothConfig, ensure_class_images, run_dreambooth
+
+    for subject in subjects:
+        folder = dreambooth_folder(config.out, subject.name)
+        if (folder / RECORD_FILE).is_file() and _timing_path(config.out, subject.name).is_file():
+            continue
+        training = DreamBoothConfig(
+            base=config.model, images=list(subject.photos), class_noun=subject.class_name, out=folder,
+            identifier=config.identifier, steps=config.dreambooth_steps, lr=config.dreambooth_lr,
+            prior_preservation=config.prior_preservation, num_class_images=config.num_class_images,
+            resolution=config.resolution, class_images=config.out / "class-images")
+        start = time.perf_counter()
+        if training.prior_preservation:
+            ensure_class_images(training, log)
+        class_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        run_dreambooth(training, log=lambda message: None)
+        wall = time.perf_counter() - start
+        write_json_atomic({"finetune_steps": config.dreambooth_steps, "finetune_seconds": round(wall, 3),
+                           "class_image_seconds": round(class_seconds, 3),
+                           "subject_checkpoint": str(folder.relative_to(config.out))}, _timing_path(config.out, subject.name))
+        log(f"{subject.name}: DreamBooth {config.dreambooth_steps} steps in {wall:.1f} s")
+
+
 def _seed_set_spread(scores: list[dict]) -> dict:
     """The benchmark's means per seed set, and their mean and (sample) standard deviation."""
     import numpy as np
@@ -401,6 +486,8 @@ def _subject_facts(out: Path, subjects, facts: dict) -> dict:
     for subject in subjects:
         if subject.name in facts and facts[subject.name]:
             known[subject.name] = facts[subject.name]
+        elif _timing_path(out, subject.name).is_file():
+            known[subject.name] = json.loads(_timing_path(out, subject.name).read_text())
         elif (out / "finetuned" / subject.name / SUBJECT_FILE).is_file():
             record = json.loads((out / "finetuned" / subject.name / SUBJECT_FILE).read_text())
             known[subject.name] = {"finetune_steps": record["settings"]["steps"],
@@ -425,6 +512,8 @@ def run_eval(config: EvalConfig, log: Callable[[str], None] = print,
         remove_stale_temporaries(folder)
     done = finished(config.out, jobs)
     log(f"{len(jobs)} images of {len(subjects)} subjects: {len(done)} already made, {len(jobs) - len(done)} to make")
+    if config.method == "dreambooth":
+        train_dreambooth(config, subjects, log)
     started = time.perf_counter()
     scores, facts = _generate_and_score(config, bench, subjects, jobs, done, log, progress)
     seconds = time.perf_counter() - started
@@ -436,7 +525,8 @@ def run_eval(config: EvalConfig, log: Callable[[str], None] = print,
     versions = json.dumps({name: version(name) for name in ("blipdiff", "torch", "diffusers", "transformers")})
     generations = pd.DataFrame([{**job, **facts.get(job["subject"], {})} for job in jobs])
     generations = generations.assign(
-        run_id=config.run_id, model=settings["model"], checkpoint_step=config.checkpoint_step, mode=config.mode,
+        run_id=config.run_id, model=settings["model"], checkpoint_step=config.checkpoint_step,
+        mode=config.report_mode, method=config.method,
         steps=config.steps, guidance=config.guidance, resolution=config.resolution, reference=config.reference,
         negative_prompt=config.negative_prompt, dtype=config.dtype, settings=json.dumps(settings), versions=versions,
         created=created)
@@ -448,11 +538,12 @@ def run_eval(config: EvalConfig, log: Callable[[str], None] = print,
         pd.DataFrame(scores)[columns].to_parquet(temp, index=False)
 
     summary = {"run_id": config.run_id, "model": settings["model"], "checkpoint_step": config.checkpoint_step,
-               "mode": config.mode, "created": created, **summarize(scores), **_seed_set_spread(scores),
+               "mode": config.report_mode, "method": config.method, "created": created, **summarize(scores),
+               **_seed_set_spread(scores),
                "seconds": round(seconds, 2), "images_made": len(jobs) - len(done),
                "finetuning": {name: values for name, values in facts.items()}, "settings": settings}
     write_json_atomic(summary, config.out / SUMMARY)
-    write_report(scores, config.mode, config.out, f"DreamBench, {config.mode}: {config.run_id}",
+    write_report(scores, config.report_mode, config.out, f"DreamBench, {config.report_mode}: {config.run_id}",
                  spread=summary["spread"])
     if config.dataset is not None:
         from blipdiff.datasets.dreambench_catalog import catalog_evaluation

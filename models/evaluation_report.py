@@ -10,7 +10,9 @@ from blipdiff.infra.atomic import atomic_path
 from blipdiff.models.scoring import METRICS, summarize
 
 PAPER_MEANS = {"zero-shot": {"dino": 0.594, "clip_i": 0.779, "clip_t": 0.300},
-               "finetuned": {"dino": 0.670, "clip_i": 0.805, "clip_t": 0.302}}
+               "finetuned": {"dino": 0.670, "clip_i": 0.805, "clip_t": 0.302},
+               # BLIP-Diffusion's Table 1: DreamBooth on Stable Diffusion (the paper gives no per-subject table).
+               "dreambooth": {"dino": 0.668, "clip_i": 0.803, "clip_t": 0.305}}
 PAPER_ORACLE = {"dino": 0.774, "clip_i": 0.885}
 # Tables 4 and 5 as FACTS has them: subject DINO/CLIP-I/CLIP-T.
 _TABLE_4 = """backpack .452/.782/.320, backpack_dog .467/.712/.310, bear_plushie .634/.739/.304, berry_bowl .750/.792/.257,
@@ -57,7 +59,7 @@ def write_report(scores: list[dict], mode: str, out: Path, title: str, spread: d
     import pandas as pd
 
     summary = summarize(scores)
-    paper_means, paper_subjects = PAPER_MEANS[mode], PAPER_PER_SUBJECT[mode]
+    paper_means, paper_subjects = PAPER_MEANS[mode], PAPER_PER_SUBJECT.get(mode, {})
     means = summary["mean_over_subjects"]
     lines = [f"# {title}\n", f"{summary['images']:,} images of {summary['subjects']} subjects, {mode}. Cells: ours "
              "(the paper's, the difference).\n", "| | DINO | CLIP-I | CLIP-T |", "| --- | ---: | ---: | ---: |",
@@ -67,8 +69,8 @@ def write_report(scores: list[dict], mode: str, out: Path, title: str, spread: d
     if spread is not None and all(spread[m]["std"] is not None for m in METRICS):
         lines.append("| seed-set spread (std) | " + " | ".join(f"±{spread[m]['std']:.4f}" for m in METRICS) + " |")
     lines.append("")
-    table = "Table 4" if mode == "zero-shot" else "Table 5"
-    lines += [f"## Per subject, beside the paper's {table}\n", "| subject | DINO | CLIP-I | CLIP-T |",
+    table = {"zero-shot": "Table 4", "finetuned": "Table 5"}.get(mode)
+    lines += [f"## Per subject, beside the paper's {table}\n" if table else "## Per subject (the paper has no table)\n", "| subject | DINO | CLIP-I | CLIP-T |",
               "| --- | ---: | ---: | ---: |"]
     for subject, values in summary["per_subject"].items():
         paper = paper_subjects.get(subject, {})
@@ -124,3 +126,60 @@ def plot_trend(runs: list[dict], mode: str, target: Path) -> Path:
         figure.savefig(temp, format="png")
     plt.close(figure)
     return target
+
+
+def compare_runs(runs: list[Path]) -> str:
+    """Evaluation runs (``blipdiff eval`` folders, any method) side by side, as markdown: the means over
+    subjects beside the papers' (BLIP-Diffusion's Table 1), per subject, per prompt kind (pooled over
+    images), and each subject's fine-tuning wall time with the ratio between the methods, when measured."""
+    import json
+
+    import pandas as pd
+
+    if len(runs) < 2:
+        raise ValueError("compare takes two runs or more")
+    loaded = []
+    for run in runs:
+        summary_file, scores_file = run / "summary.json", run / "scores.parquet"
+        if not summary_file.is_file() or not scores_file.is_file():
+            raise ValueError(f"{run} is not a finished evaluation (no summary.json and scores.parquet)")
+        loaded.append((json.loads(summary_file.read_text()), pd.read_parquet(scores_file)))
+    names = [f"{summary['run_id']} ({summary['mode']})" for summary, _ in loaded]
+    header = "| | " + " | ".join(names) + " |"
+    rule = "| --- |" + " ---: |" * len(names)
+    lines = ["# DreamBench runs side by side\n", "## Mean over subjects (the paper's in parentheses)\n",
+             "| metric | " + " | ".join(names) + " |", rule]
+    for metric, label in zip(METRICS, ("DINO", "CLIP-I", "CLIP-T")):
+        lines.append(f"| {label} | " + " | ".join(
+            _cell(summary["mean_over_subjects"][metric], PAPER_MEANS.get(summary["mode"], {}).get(metric))
+            for summary, _ in loaded) + " |")
+    subjects = sorted(set.intersection(*(set(summary["per_subject"]) for summary, _ in loaded)))
+    lines += ["", "## Per subject (DINO / CLIP-I / CLIP-T)\n", header.replace("| |", "| subject |"), rule]
+    for subject in subjects:
+        lines.append(f"| {subject} | " + " | ".join(
+            " / ".join(f"{summary['per_subject'][subject][m]:.3f}" for m in METRICS) for summary, _ in loaded) + " |")
+    kinds = sorted(set.intersection(*(set(scores["kind"]) for _, scores in loaded)))
+    lines += ["", "## Per prompt kind (DINO / CLIP-I / CLIP-T, pooled over images)\n", header.replace("| |", "| kind |"),
+              rule]
+    for kind in kinds:
+        lines.append(f"| {kind} | " + " | ".join(
+            " / ".join(f"{scores.loc[scores['kind'] == kind, m].mean():.3f}" for m in METRICS)
+            for _, scores in loaded) + " |")
+    timed = [summary.get("finetuning", {}) for summary, _ in loaded]
+    if any(timed):
+        lines += ["", "## Fine-tuning wall time per subject, seconds (class images apart)\n",
+                  header.replace("| |", "| subject |"), rule]
+        for subject in subjects:
+            lines.append(f"| {subject} | " + " | ".join(
+                f"{facts[subject]['finetune_seconds']:.1f} ({facts[subject]['finetune_steps']} steps)"
+                if subject in facts else "" for facts in timed) + " |")
+        totals = [sum(facts[s]["finetune_seconds"] for s in subjects) if all(s in facts for s in subjects) else None
+                  for facts in timed]
+        lines.append("| total | " + " | ".join("" if total is None else f"{total:.1f}" for total in totals) + " |")
+        measured = [(name, total) for name, total in zip(names, totals) if total]
+        if len(measured) > 1:
+            fastest = min(measured, key=lambda item: item[1])
+            lines += ["", "Relative to the fastest (" + fastest[0] + "): "
+                      + ", ".join(f"{name} {total / fastest[1]:.1f}x" for name, total in measured) + "."]
+        lines.append("\nTimes are comparable only between runs on the same machine.")
+    return "\n".join(lines) + "\n"

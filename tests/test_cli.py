@@ -26,8 +26,8 @@ def test_help_lists_the_commands_without_importing_heavy_libraries():
     assert done.returncode == 0
     listed = set(re.findall(r"^│ ([a-z][\w-]*) {2,}", done.stdout, re.MULTILINE))
     assert listed == {"filter", "fetch", "build", "matte", "catalog", "app", "generate", "edit", "interpolate",
-                      "finetune", "encode-latents", "pretrain", "score", "eval", "pin-baseline", "serve", "server",
-                      "demo"}
+                      "finetune", "dreambooth", "encode-latents", "pretrain", "score", "eval", "compare",
+                      "pin-baseline", "serve", "server", "demo"}
     probe = (
         "import sys, blipdiff.infra.cli; "
         "heavy = {'pandas', 'pyarrow', 'torch', 'transformers', 'diffusers', 'ray', 'prefect', 'fiftyone'}; "

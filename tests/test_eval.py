@@ -214,3 +214,41 @@ def test_the_zero_shot_reference_is_every_photo_the_first_or_a_file(models, drea
     (tmp_path / "partial.csv").write_text(f"dog,{dog[1].name}\n")
     with pytest.raises(ValueError, match="no photo for vase"):
         photos(str(tmp_path / "partial.csv"))
+
+
+def test_dreambooth_on_dreambench_writes_the_same_outputs_and_compares(finished_run, models, dreambench, tmp_path):
+    """`eval --method dreambooth`: DreamBooth fine-tuned per subject on a tiny Stable Diffusion, the same
+    protocol, outputs and scoring as the BLIP-Diffusion run, then `compare` sets the two side by side."""
+    from blipdiff.models.random_models import save_tiny_stable_diffusion
+
+    base = save_tiny_stable_diffusion(tmp_path / "stable-diffusion")
+    out = tmp_path / "dreambooth-run"
+    args = [arg for arg in arguments(models, dreambench, out) if arg not in ("--model", models["model"])]
+    result = CliRunner().invoke(app, [*args, "--method", "dreambooth", "--base", str(base), "--dreambooth-steps", "2",
+                                      "--num-class-images", "2", "--dataset", ""])
+    assert result.exit_code == 0, result.output
+    for name in ("generations.parquet", "scores.parquet", "summary.json", "report.md", "per_subject.png"):
+        assert (out / name).is_file(), name
+    generations, theirs = pd.read_parquet(out / "generations.parquet"), pd.read_parquet(finished_run / "generations.parquet")
+    assert set(theirs.columns) <= set(generations.columns)
+    assert list(generations["path"]) == list(theirs["path"]) and list(generations["seed"]) == list(theirs["seed"])
+    dog = generations[(generations["subject"] == "dog") & (generations["prompt_index"] == 0)].iloc[0]
+    assert dog["generation_prompt"] == "a sks dog in the jungle" and dog["prompt"] == "a dog in the jungle"
+    assert set(generations["method"]) == {"dreambooth"} and set(generations["finetune_steps"]) == {2}
+    scores = pd.read_parquet(out / "scores.parquet")
+    assert list(scores.columns) == list(pd.read_parquet(finished_run / "scores.parquet").columns) and len(scores) == 8
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["mode"] == "dreambooth" and set(summary["finetuning"]) == set(SUBJECTS)
+    assert all(facts["finetune_seconds"] > 0 for facts in summary["finetuning"].values())
+    assert "0.668" in (out / "report.md").read_text()
+    class_folders = list((out / "class-images").iterdir())
+    assert len(class_folders) == 2, "dog and vase: one class-image cache entry each"
+
+    compared = CliRunner().invoke(app, ["compare", str(finished_run), str(out), "--out", str(tmp_path / "compare.md")])
+    assert compared.exit_code == 0, compared.output
+    table = (tmp_path / "compare.md").read_text()
+    assert "nightly-1 (zero-shot)" in table and "dreambooth-run (dreambooth)" in table
+    assert "(0.594," in table and "(0.668," in table
+    assert "| dog |" in table and "| recontextualization |" in table and "Fine-tuning wall time" in table
+    refused = CliRunner().invoke(app, ["compare", str(finished_run), str(tmp_path)])
+    assert refused.exit_code == 2 and "not a finished evaluation" in refused.output
