@@ -68,6 +68,10 @@ def load_stable_diffusion(base: str | os.PathLike, dtype: torch.dtype = torch.fl
         tokenizer = transformers.CLIPTokenizer.from_pretrained(root / "tokenizer")
     except (OSError, ValueError) as error:
         raise CheckpointError(f"tokenizer: cannot load {root / 'tokenizer'} ({error})") from error
+    # Stable Diffusion pads and truncates prompts to the tokenizer's model_max_length, which a tokenizer
+    # folder without tokenizer_config.json (BLIP-Diffusion's has only vocab.json and merges.txt) leaves
+    # unbounded: the text encoder's own length bounds it.
+    tokenizer.model_max_length = min(tokenizer.model_max_length, text_config.max_position_embeddings)
     pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                              scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                              requires_safety_checker=False)

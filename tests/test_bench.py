@@ -47,13 +47,18 @@ def test_the_gpu_finetune_benchmark_runs_end_to_end_on_the_cpu():
     photos = shared_path("dreambench", "dataset")
     # One thread: the tiny model's steps take milliseconds, and threads waiting on a busy machine take seconds.
     done = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_finetune.py"), "--device", "cpu", "--tiny",
-                           "--no-record", "--steps", "2", "--resolution", "32", "--photos", str(photos)],
+                           "--no-record", "--steps", "2", "--resolution", "32", "--photos", str(photos),
+                           "--dreambooth", "--dreambooth-steps", "3", "--num-class-images", "2", "--class-steps", "1"],
                           capture_output=True, text=True, timeout=600, cwd=REPO / "bench",
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [line.split("|")[1:4] for line in done.stdout.splitlines() if line.startswith(("| full |", "| lora |"))]
     assert {(mode.strip(), steps.strip(), batch.strip()) for mode, steps, batch in rows} == \
         {("full", "2", "3"), ("lora", "2", "3")}, done.stdout
+    # BLIP-Diffusion at Table 3's steps for the dog (50) against DreamBooth, class images apart.
+    methods = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in done.stdout.splitlines()
+               if line.startswith(("| BLIP-Diffusion (Table 3) |", "| DreamBooth (prior preservation) |"))}
+    assert methods == {"BLIP-Diffusion (Table 3)": "50", "DreamBooth (prior preservation)": "3"}, done.stdout
     assert done.stdout.strip().splitlines()[-1].startswith("goal: 80 steps at batch 3")
     assert "not assessed, this ran on the CPU" in done.stdout
 
