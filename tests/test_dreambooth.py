@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from blipdiff.infra.cli import app
 from blipdiff.models.dreambooth import load_dreambooth, load_stable_diffusion
 from blipdiff.models.random_models import save_tiny_stable_diffusion
-from blipdiff.models.training.dreambooth import (DreamBoothConfig, class_image_folder, dreambooth_loss,
+from blipdiff.models.training.dreambooth import (DreamBoothConfig, class_image_folder, draw_batch, dreambooth_loss,
                                                  ensure_class_images, run_dreambooth)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -79,6 +79,24 @@ def test_the_prior_preservation_batch_is_instances_then_class_samples_and_the_lo
     torch.testing.assert_close(parts.prior, alone[1].total)
     torch.testing.assert_close(parts.total, parts.instance + 0.5 * parts.prior)
     assert alone[0].prior is None and parts.prior > 0
+
+
+def test_a_step_draws_the_subjects_photos_then_as_many_class_images():
+    instances = (torch.full((3, 4, 2, 2), 1.0), torch.full((3, 4, 2, 2), 0.1))
+    classes = (torch.full((5, 4, 2, 2), -1.0), torch.full((5, 4, 2, 2), 0.2))
+    mean, std, rows = draw_batch(instances, classes, 2, torch.Generator().manual_seed(0))
+    assert rows == [0, 0, 1, 1] and mean.shape == (4, 4, 2, 2)
+    assert (mean[:2] == 1).all() and (mean[2:] == -1).all() and (std[:2] == 0.1).all() and (std[2:] == 0.2).all()
+    mean, _, rows = draw_batch(instances, None, 2, torch.Generator().manual_seed(0))
+    assert rows == [0, 0] and (mean == 1).all()
+
+
+def test_two_workers_train_and_checkpoint_together(ray_cluster, base, photos, class_cache, tmp_path):
+    out = run_dreambooth(config(base, photos, tmp_path / "two", class_cache, steps=2, workers=2, checkpoint_every=2))
+    checkpoint = out / "checkpoints" / "step-000002"
+    assert (checkpoint / "rng-rank0.pt").is_file() and (checkpoint / "rng-rank1.pt").is_file()
+    assert json.loads((checkpoint / "state.json").read_text())["workers"] == 2
+    assert np.abs(render(load_dreambooth(base, out)) - render(load_stable_diffusion(base))).max() > 1e-3
 
 
 def test_class_images_are_generated_once_and_shared_by_the_runs_of_a_class(full_run, base, photos, class_cache,

@@ -216,6 +216,21 @@ def dreambooth_loss(unet, latents, noise, timesteps, context, instances: int, pr
     return LossParts(instance + prior_loss_weight * prior, instance, prior)
 
 
+def draw_batch(instances: tuple, classes: tuple | None, batch_size: int, generator) -> tuple:
+    """One step's latent distributions (mean, std) and prompt rows: ``batch_size`` subject photos (row 0,
+    the instance prompt), then, with prior preservation, as many class images (row 1, the class prompt)."""
+    import torch
+
+    picks = torch.randint(0, len(instances[0]), (batch_size,), generator=generator)
+    means, stds, rows = [instances[0][picks]], [instances[1][picks]], [0] * batch_size
+    if classes is not None:
+        chosen = torch.randint(0, len(classes[0]), (batch_size,), generator=generator)
+        means.append(classes[0][chosen])
+        stds.append(classes[1][chosen])
+        rows += [1] * batch_size
+    return torch.cat(means), torch.cat(stds), rows
+
+
 def checkpoint_name(step: int) -> str:
     return f"step-{step:06d}"
 
@@ -331,15 +346,9 @@ def train_worker(config: DreamBoothConfig, rank: int, world: int, device, class_
     trained.modules.train()
     clock = time.perf_counter()
     while step < config.steps:
-        picks = torch.randint(0, len(instance_mean), (config.batch_size,), generator=generator)
-        means, stds = [instance_mean[picks]], [instance_std[picks]]
-        rows = [0] * config.batch_size
-        if class_mean is not None:
-            chosen = torch.randint(0, len(class_mean), (config.batch_size,), generator=generator)
-            means.append(class_mean[chosen])
-            stds.append(class_std[chosen])
-            rows += [1] * config.batch_size
-        mean, std = torch.cat(means), torch.cat(stds)
+        mean, std, rows = draw_batch((instance_mean, instance_std),
+                                     (class_mean, class_std) if class_mean is not None else None,
+                                     config.batch_size, generator)
         latents = (mean + std * torch.randn(mean.shape, generator=generator).to(device)) * scale
         noise = torch.randn(latents.shape, generator=generator).to(device)
         timesteps = torch.randint(0, schedule.config.num_train_timesteps, (len(rows),), generator=generator).to(device)
