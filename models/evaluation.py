@@ -42,7 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from blipdiff.infra.atomic import atomic_path, remove_stale_temporaries, write_json_atomic
 from blipdiff.infra.journal import Journal
 from blipdiff.models import DEFAULT_CLIP, DEFAULT_DINO
-from blipdiff.models.inputs import ImageSide, model_location, readable_image
+from blipdiff.models.inputs import Identifier, ImageSide, model_location, readable_image
 from blipdiff.models.scoring import METRICS, summarize
 
 SETTINGS_FILE = "eval.json"
@@ -79,7 +79,7 @@ class EvalSettings(BaseModel):
     dreambooth_lr: float = Field(5e-6, gt=0)
     prior_preservation: bool = Field(True, description="DreamBooth's class-specific prior-preservation loss.")
     num_class_images: int = Field(200, ge=1)
-    identifier: str = Field("sks", description="DreamBooth's identifier in the prompts.")
+    identifier: Identifier = Field("sks", description="DreamBooth's identifier in the prompts.")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto", description="Generation dtype; auto: float16 on a GPU, float32 on the CPU.")
     dino: str = Field(DEFAULT_DINO, description="DINO ViT-S/16: hub id or folder.")
@@ -94,13 +94,6 @@ class EvalSettings(BaseModel):
         if len(set(names)) != len(names):
             raise ValueError("a subject is named twice")
         return names
-
-    @field_validator("identifier")
-    @classmethod
-    def _one_word(cls, value: str) -> str:
-        if not value or any(character.isspace() for character in value):
-            raise ValueError(f"the identifier {value!r} must be one word, without spaces (e.g. sks)")
-        return value
 
     @field_validator("dataset")
     @classmethod

@@ -15,6 +15,13 @@ def named_subject(value: str) -> str:
     return value.strip()
 
 
+def one_word(value: str) -> str:
+    """DreamBooth's identifier: one token-like word."""
+    if not value or any(character.isspace() for character in value):
+        raise ValueError(f"the identifier {value!r} must be one word, without spaces (e.g. sks)")
+    return value
+
+
 def multiple_of_eight(value: int) -> int:
     if value % 8:
         raise ValueError(f"{value} is not a multiple of 8 (the VAE downsamples by 8)")
@@ -71,4 +78,5 @@ def model_location(model: str) -> str:
 # The checks as types, for the configuration models' fields.
 ImageSide = Annotated[int, Field(ge=8), AfterValidator(multiple_of_eight)]
 SubjectText = Annotated[str, AfterValidator(named_subject)]
+Identifier = Annotated[str, AfterValidator(one_word)]
 BuildFolder = Annotated[Path, AfterValidator(build_folder)]

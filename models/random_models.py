@@ -122,6 +122,14 @@ def _tiny_blip_diffusion_modules(qformer_config, text_config, text_only: torch.n
             "unet": unet, "vae": vae}
 
 
+def _tiny_text_config(tokenizer) -> transformers.CLIPTextConfig:
+    """The tiny CLIP text encoder both tiny models share (BLIP-Diffusion's context encoder, SD's)."""
+    return transformers.CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=77, hidden_act="quick_gelu", pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+
+
 def save_tiny_stable_diffusion(folder: Path, seed: int = 0) -> Path:
     """A random Stable Diffusion in the diffusers layout (``StableDiffusionPipeline.save_pretrained``, no
     safety checker), with the tiny BLIP-Diffusion's U-Net, VAE, CLIP text encoder and tokenizer shapes."""
@@ -129,10 +137,7 @@ def save_tiny_stable_diffusion(folder: Path, seed: int = 0) -> Path:
 
     tokenizer = fixed_clip_tokenizer()
     tokenizer.model_max_length = 77  # as Stable Diffusion's tokenizer_config.json has it
-    text_config = transformers.CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        max_position_embeddings=77, hidden_act="quick_gelu", pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    text_config = _tiny_text_config(tokenizer)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         modules = _tiny_blip_diffusion_modules(None, None, text_only=transformers.CLIPTextModel(text_config))
@@ -197,10 +202,7 @@ def save_tiny_blip_diffusion(folder: Path, weights: str = "safetensors", tokeniz
     qformer_config = transformers.Blip2Config(vision_config=vision.to_dict(), qformer_config=qformer.to_dict(),
                                               num_query_tokens=NUM_QUERY_TOKENS)
     tokenizer = fixed_clip_tokenizer()
-    text_config = transformers.CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        max_position_embeddings=77, hidden_act="quick_gelu", pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    text_config = _tiny_text_config(tokenizer)
     # The modules' own initialisation draws from the global generator: seed it too (without disturbing
     # the caller's), so that the same seed gives the same weights in every process and every call.
     with torch.random.fork_rng(devices=[]):

@@ -40,7 +40,7 @@ from blipdiff.infra.atomic import TEMP_PREFIX, atomic_folder, atomic_path, write
 from blipdiff.models.dreambooth import (LORA_WEIGHTS, RECORD_FILE, TEXT_ENCODER_FOLDER, TEXT_ENCODER_LORA,
                                         TEXT_LORA_TARGETS, UNET_FOLDER, UNET_LORA, UNET_LORA_TARGETS, class_prompt,
                                         instance_prompt)
-from blipdiff.models.inputs import ImageSide, SubjectText, find_photos, model_location
+from blipdiff.models.inputs import Identifier, ImageSide, SubjectText, find_photos, model_location
 
 CHECKPOINTS = "checkpoints"
 SETTINGS_FILE = "run.json"
@@ -58,7 +58,7 @@ class DreamBoothConfig(BaseModel):
     images: list[Path] = Field(min_length=1, description="Photos of the subject, or folders of them.")
     class_noun: SubjectText = Field(description="The subject's class, e.g. 'dog'.")
     out: Path
-    identifier: str = Field("sks", description="The rare token that names the subject.")
+    identifier: Identifier = Field("sks", description="The rare token that names the subject.")
     steps: int = Field(800, ge=1)
     lr: float = Field(5e-6, gt=0)
     batch_size: int = Field(1, ge=1)
@@ -82,13 +82,6 @@ class DreamBoothConfig(BaseModel):
     max_failures: int = Field(0, ge=0, description="Worker-group restarts Ray Train may make after a failure.")
 
     _photos: list[Path] = PrivateAttr(default_factory=list)
-
-    @field_validator("identifier")
-    @classmethod
-    def _one_token_word(cls, value: str) -> str:
-        if not value or any(character.isspace() for character in value):
-            raise ValueError(f"the identifier {value!r} must be one word, without spaces (e.g. sks)")
-        return value
 
     @field_validator("out", "class_images")
     @classmethod
