@@ -37,7 +37,7 @@ from blipdiff.datasets.matting import (
     make_trimap,
     pull_matte,
 )
-from blipdiff.datasets.openimages import read_subjects
+from blipdiff.datasets.subjects import read_subjects
 from blipdiff.infra.atomic import atomic_path, remove_stale_temporaries, write_json_atomic
 from blipdiff.infra.journal import JOURNAL_NAME, Journal
 from blipdiff.infra.ray_cluster import connect_ray

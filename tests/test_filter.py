@@ -6,6 +6,8 @@ import gzip
 import importlib.util
 import json
 import shutil
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -360,3 +362,47 @@ def test_bad_rules_file_is_rejected(tmp_path):
     rules_file.write_text("max_aspect = 2\nmin_area = 0.9\nmax_area = 0.3\n[human_classes]\n[cluttered_classes]\n")
     with pytest.raises(ValueError, match="min_area"):
         FilterRules.from_toml(rules_file)
+
+
+def test_a_file_grouped_by_image_but_not_in_id_order_gives_the_same_result(tmp_path, bench_filter):
+    """Each image's rows together, the images in no particular order (as a concatenation of files gives)."""
+    classes = shared_path("openimages", "class-descriptions-boxable.csv")
+    sorted_boxes, grouped = tmp_path / "sorted.csv", tmp_path / "grouped.csv"
+    bench_filter.generate_v6_boxes(sorted_boxes, 30_000, classes, seed=4, order="sorted")
+    bench_filter.generate_v6_boxes(grouped, 30_000, classes, seed=4, order="grouped")
+    ids = _read_csv(grouped).column("ImageID").to_pylist()
+    assert ids != sorted(ids) and len({i for i, n in zip(ids, ids[1:]) if i != n}) == len(set(ids)) - 1, \
+        "grouped: every image's rows are contiguous, the images out of order"
+    rules = FilterRules.paper_defaults()
+    expected, result = (filter_subjects(path, classes, rules) for path in (sorted_boxes, grouped))
+    assert len(expected.subjects) > 300
+    pd.testing.assert_frame_equal(result.subjects, expected.subjects)
+    assert result.funnel == expected.funnel
+
+
+def test_the_memory_limit_spills_inside_out_and_the_spill_is_removed(tmp_path, bench_filter, monkeypatch):
+    """Under a small memory limit the filter gives the same result; DuckDB's spill folder is inside OUT and
+    gone at the end; a leftover spill of a killed run is cleared; a bad limit is an error."""
+    classes = shared_path("openimages", "class-descriptions-boxable.csv")
+    boxes = tmp_path / "shuffled.csv"
+    bench_filter.generate_v6_boxes(boxes, 200_000, classes, seed=6, order="shuffled")
+    out = tmp_path / "out"
+    (out / ".tmp-filter-spill-killed").mkdir(parents=True)
+    (out / ".tmp-filter-spill-killed" / "duckdb_temp_block.bin").write_bytes(b"x" * 100)
+    spills, temporary = [], tempfile.TemporaryDirectory
+
+    def watching(*args, **kwargs):
+        folder = temporary(*args, **kwargs)
+        spills.append(Path(folder.name))
+        return folder
+
+    monkeypatch.setattr(tempfile, "TemporaryDirectory", watching)
+    small = run_filter(FilterConfig(boxes=boxes, classes=classes, out=out, memory_limit="150MB"))
+    monkeypatch.undo()
+    assert spills and spills[0].parent == out and spills[0].name.startswith(".tmp-filter-spill")
+    assert sorted(path.name for path in out.iterdir()) == ["funnel.json", "subjects.parquet"]
+    roomy = filter_subjects(boxes, classes, FilterRules.paper_defaults(), memory_limit="4GB")
+    pd.testing.assert_frame_equal(small.subjects, roomy.subjects)
+    assert small.funnel == roomy.funnel and len(small.subjects) > 1000
+    with pytest.raises(ValueError, match="memory limit 'lots'"):
+        filter_subjects(boxes, classes, FilterRules.paper_defaults(), memory_limit="lots")
