@@ -146,27 +146,28 @@ _REASONS = INVALID_REASONS[2:]  # a row's own reasons (as their index): malforme
 _SINGLE = ("inside", "aspect", "area")  # rules whose boxes are counted in pairs of one box
 # A row's outcome, as an index into this (integers: compared on every row, strings cost several times more).
 _OUTCOMES = ("invalid", "group", *_SINGLE, "passed")
-_QUERY = """CREATE TEMP TABLE images AS SELECT image_id, image_id IS NOT NULL
-  AND regexp_full_match(image_id, '[0-9a-f]{{16}}') AS image_ok, sum(count) AS rows, {image_reasons},
+_QUERY = """CREATE TEMP TABLE images AS SELECT image, image IS NOT NULL AS image_ok, sum(count) AS rows, {image_reasons},
   sum(CASE WHEN count > 1 THEN count - invalid ELSE 0 END) + count(*) FILTER (count = 1 AND outcome = 1) AS "group",
   {single}, count(*) FILTER (count = 1 AND outcome = 5 AND cluttered) AS passed_cluttered,
   count(*) FILTER (count = 1 AND outcome = 5 AND NOT cluttered) AS passed, bool_or(human) AS human,
-  min_by(struct_pack(mid, name, x_min, x_max, y_min, y_max), struct_pack(a := (x_min - x_max) * (y_max - y_min), mid))
+  min_by(struct_pack(idx, x_min, x_max, y_min, y_max), struct_pack(a := (x_min - x_max) * (y_max - y_min), idx))
     FILTER (count = 1 AND outcome = 5 AND NOT cluttered) AS best
-FROM (SELECT image_id, key AS mid, count(*) AS count, count(reason) AS invalid, {reasons}, any_value(outcome) AS outcome,
-  {values}, any_value(name) AS name, any_value(human) AS human, any_value(cluttered) AS cluttered
-FROM (SELECT *, x_max - x_min AS w, y_max - y_min AS h, CASE WHEN name IS NOT NULL THEN mid END AS key,
-  CASE WHEN label IS NULL OR label = '' OR {nan} THEN 0 WHEN name IS NULL THEN 1
+FROM (SELECT image, idx, count(*) AS count, count(reason) AS invalid, {reasons}, any_value(outcome) AS outcome,
+  {values}, any_value(human) AS human, any_value(cluttered) AS cluttered
+FROM (SELECT *, x_max - x_min AS w, y_max - y_min AS h,
+  CASE WHEN id IS NOT NULL AND regexp_full_match(id, '[0-9a-f]{{16}}') THEN CAST('0x' || id AS UBIGINT) END AS image,
+  CASE WHEN label IS NULL OR label = '' OR {nan} THEN 0 WHEN idx IS NULL THEN 1
     WHEN least(x_min, x_max, y_min, y_max) < 0 OR greatest(x_min, x_max, y_min, y_max) > 1 THEN 2
     WHEN x_max <= x_min OR y_max <= y_min THEN 3 END AS reason,
   CASE WHEN reason IS NOT NULL THEN 0 WHEN group_of = 1 THEN 1 WHEN inside = 1 THEN 2
     WHEN greatest(w / h, h / w) > {max_aspect} THEN 3 WHEN w * h < {min_area} OR w * h > {max_area} THEN 4 ELSE 5 END
     AS outcome
-  FROM (SELECT CAST(ImageID AS VARCHAR) AS image_id, CAST(LabelName AS VARCHAR) AS label, trim(label) AS mid, {numbers}
-        FROM {source}) LEFT JOIN classes USING (mid)) GROUP BY image_id, key) GROUP BY image_id"""
-_SUBJECTS = """SELECT image_id, mid AS label_mid, name AS label_name, x_min, x_max, y_min, y_max,
+  FROM (SELECT CAST(ImageID AS VARCHAR) AS id, CAST(LabelName AS VARCHAR) AS label, trim(label) AS mid, {numbers}
+        FROM {source}) LEFT JOIN classes USING (mid)) GROUP BY image, idx) GROUP BY image"""
+_SUBJECTS = """SELECT printf('%016x', image) AS image_id, mid AS label_mid, name AS label_name, x_min, x_max, y_min, y_max,
   (x_max - x_min) * (y_max - y_min) AS area, greatest((x_max - x_min) / (y_max - y_min), (y_max - y_min) / (x_max - x_min))
-  AS aspect FROM (SELECT image_id, unnest(best) FROM images WHERE image_ok AND NOT human AND best IS NOT NULL) ORDER BY 1"""
+  AS aspect FROM (SELECT image, unnest(best) FROM images WHERE image_ok AND NOT human AND best IS NOT NULL)
+  JOIN classes USING (idx) ORDER BY image"""
 _TOTALS = ("SELECT sum(rows), count(*) FILTER (image_ok), sum(rows) FILTER (NOT image_ok), "
            + ", ".join(f'sum("{column}") FILTER (image_ok)' for column in (*_REASONS, "group", *_SINGLE))
            + ", sum(passed + passed_cluttered) FILTER (image_ok AND human), sum(passed_cluttered) FILTER (image_ok AND "
@@ -187,11 +188,12 @@ def filter_subjects(boxes: Path, classes: Path, rules: FilterRules, block_bytes:
         except duckdb.Error as error:
             raise ValueError(f"memory limit {memory_limit!r}: {str(error).splitlines()[0]}") from error
         connection.execute(f"SET temp_directory = {_quote(temp)}; SET preserve_insertion_order = false")
-        connection.register("classes", pd.DataFrame({
-            "mid": list(names), "name": list(names.values()), "human": [mid in rules.human_classes for mid in names],
-            "cluttered": [mid in rules.cluttered_classes for mid in names]}))
+        connection.register("classes", pd.DataFrame({  # idx in MID order: the smallest wins a tie
+            "idx": range(len(names)), "mid": sorted(names), "name": [names[mid] for mid in sorted(names)],
+            "human": [mid in rules.human_classes for mid in sorted(names)],
+            "cluttered": [mid in rules.cluttered_classes for mid in sorted(names)]}))
         connection.execute(_QUERY.format(
-            source=_source(Path(boxes), block_bytes), values=", ".join(f"any_value({v}) AS {v}" for v in _VALUES),
+            source=_source(Path(boxes), block_bytes), values=", ".join(f"any_value({v}) AS {v}" for v in _VALUES[:4]),
             numbers=", ".join(f"TRY_CAST({column} AS DOUBLE) AS {value}" for column, value in zip(BOX_COLUMNS[2:], _VALUES,
                                                                                                   strict=True)),
             nan=" OR ".join(f"isnan({value}) IS NOT FALSE" for value in _VALUES),
