@@ -1,6 +1,5 @@
-"""Open Images box annotations → one subject per image, by the rules of the paper's appendix A.4: one query
-in DuckDB (embedded, multi-threaded, spilling to disk under a memory limit), which reads CSV, gzip and
-Parquet itself and groups the rows by image whatever their order."""
+"""Open Images box annotations → one subject per image, by the rules of the paper's appendix A.4, as queries in
+DuckDB (embedded, multi-threaded, spilling under a memory limit): it reads CSV, gzip and Parquet itself."""
 
 from __future__ import annotations
 
@@ -13,6 +12,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -24,8 +25,10 @@ BOX_COLUMNS = ("ImageID", "LabelName", "XMin", "XMax", "YMin", "YMax", "IsGroupO
 # The funnel's rules, in the order they are applied: a box is counted under the first that removes it.
 RULE_ORDER = ("invalid", "group", "inside", "aspect", "area", "human", "cluttered", "one_per_image")
 INVALID_REASONS = ("malformed_line", "bad_image_id", "missing_value", "unknown_class", "coordinate_out_of_range", "empty_box")
-DEFAULT_BLOCK_BYTES, DEFAULT_MEMORY_LIMIT = 4 << 20, "500MB"
+DEFAULT_BLOCK_BYTES, DEFAULT_MEMORY_LIMIT = 4 << 20, "400MB"
 SPILL_FOLDER = ".tmp-filter-spill"  # under the temporaries' prefix
+_VALUES = ("x_min", "x_max", "y_min", "y_max")
+_NUMBERS = (*_VALUES, "group_of", "inside")  # BOX_COLUMNS[2:] as the query names them ("1_000" is no number)
 
 
 class FilterRules(BaseModel):
@@ -111,67 +114,44 @@ def read_classes(path: Path) -> dict[str, str]:
     return names
 
 
-def _source(path: Path, block_bytes: int) -> str:
-    """The box file as DuckDB reads it, its columns checked. CSV values stay text, so that a stray value is
-    a counted invalid row; a line of the wrong length goes to DuckDB's ``reject_errors``: a malformed line."""
+def _source(path: Path, block_bytes: int) -> dict[str, str]:
+    """The box file as DuckDB reads it (columns checked) and SQL for its values. CSV values stay text: a stray one
+    is a counted invalid row, a missing one what Arrow's CSV reader calls null (as before). A CSV line of the wrong
+    length is padded or spills into a column of its own, a malformed line as are DuckDB's ``reject_errors``."""
     if not path.is_file():
         raise FileNotFoundError(f"box annotations not found: {path}")
     with open(path, "rb") as handle:
         head = handle.read(4)
     if head == b"PAR1":
-        names, relation = pq.ParquetFile(path).schema_arrow.names, f"read_parquet({_quote(path)})"
+        schema = pq.ParquetFile(path).schema_arrow
+        names, source, malformed, no_label = schema.names, f"read_parquet({_quote(path)})", "false", "label IS NULL"
+        text = [field.name for field in schema if pa.types.is_string(field.type) or pa.types.is_large_string(field.type)]
     else:
         compression = "gzip" if head[:2] == b"\x1f\x8b" else "none"
-        with (gzip.open if compression == "gzip" else open)(path, "rt", encoding="utf-8-sig", newline="") as text:
-            names = next(csv.reader(text), [])
-        columns = ", ".join(f"{_quote(name)}: 'VARCHAR'" for name in names)
-        relation = (f"read_csv({_quote(path)}, header = true, auto_detect = false, delim = ',', quote = '\"', "
-                    f"escape = '\"', columns = {{{columns}}}, strict_mode = false, store_rejects = true, "
-                    f"compression = '{compression}', buffer_size = {max(block_bytes, 1 << 16)})")
+        with (gzip.open if compression == "gzip" else open)(path, "rt", encoding="utf-8-sig", newline="") as reader:
+            names = text = next(csv.reader(reader), [])
+        beyond = "_".join(names) + "_beyond"  # a name that no column has, nor any value
+        columns = ", ".join(f"{_quote(name)}: 'VARCHAR'" for name in (*names, beyond))
+        source = (f"read_csv({_quote(path)}, header = true, auto_detect = false, delim = ',', quote = '\"', "
+                  f"escape = '\"', columns = {{{columns}}}, strict_mode = false, null_padding = true, "
+                  f"nullstr = {_quote(beyond)}, store_rejects = true, compression = '{compression}', "
+                  f"buffer_size = {max(block_bytes, 1 << 16)})")  # NULL only where padded: empty is ''
+        malformed = f'"{beyond}" IS NOT NULL OR "{names[-1]}" IS NULL' if names else "false"
+        no_label = f"label IN ({', '.join(map(_quote, pa_csv.ConvertOptions().null_values))})"
     if missing := [column for column in BOX_COLUMNS if column not in names]:
         raise ValueError(f"{path} is not an Open Images box file: missing column(s) {', '.join(missing)} "
                          f"(found {', '.join(names) or 'no header'})")
-    return relation
+    numbers = (f"CASE WHEN NOT contains({column}, '_') THEN TRY_CAST({column} AS DOUBLE) END AS {value}" if column in text
+               else f"TRY_CAST({column} AS DOUBLE) AS {value}" for column, value in zip(BOX_COLUMNS[2:], _NUMBERS, strict=True))
+    return {"source": source, "malformed": malformed, "no_label": no_label, "numbers": ", ".join(numbers)}
 
 
 def _quote(text: object) -> str:  # a SQL string literal
     return "'" + str(text).replace("'", "''") + "'"
 
 
-# Boxes are grouped by (image, class; unlisted classes share a key): the group rule needs a class's count of
-# boxes in an image, invalid ones too, and only a pair of one box can hold a subject, so its values are kept.
-# Pairs are then summed up by image, with its best box; a bad image id comes before every other check.
-_VALUES = ("x_min", "x_max", "y_min", "y_max", "group_of", "inside")
-_REASONS = INVALID_REASONS[2:]  # a row's own reasons (as their index): malformed lines and bad ids are counted apart
-_SINGLE = ("inside", "aspect", "area")  # rules whose boxes are counted in pairs of one box
-# A row's outcome, as an index into this (integers: compared on every row, strings cost several times more).
-_OUTCOMES = ("invalid", "group", *_SINGLE, "passed")
-_QUERY = """CREATE TEMP TABLE images AS SELECT image, image IS NOT NULL AS image_ok, sum(count) AS rows, {image_reasons},
-  sum(CASE WHEN count > 1 THEN count - invalid ELSE 0 END) + count(*) FILTER (count = 1 AND outcome = 1) AS "group",
-  {single}, count(*) FILTER (count = 1 AND outcome = 5 AND cluttered) AS passed_cluttered,
-  count(*) FILTER (count = 1 AND outcome = 5 AND NOT cluttered) AS passed, bool_or(human) AS human,
-  min_by(struct_pack(idx, x_min, x_max, y_min, y_max), struct_pack(a := (x_min - x_max) * (y_max - y_min), idx))
-    FILTER (count = 1 AND outcome = 5 AND NOT cluttered) AS best
-FROM (SELECT image, idx, count(*) AS count, count(reason) AS invalid, {reasons}, any_value(outcome) AS outcome,
-  {values}, any_value(human) AS human, any_value(cluttered) AS cluttered
-FROM (SELECT *, x_max - x_min AS w, y_max - y_min AS h,
-  CASE WHEN id IS NOT NULL AND regexp_full_match(id, '[0-9a-f]{{16}}') THEN CAST('0x' || id AS UBIGINT) END AS image,
-  CASE WHEN label IS NULL OR label = '' OR {nan} THEN 0 WHEN idx IS NULL THEN 1
-    WHEN least(x_min, x_max, y_min, y_max) < 0 OR greatest(x_min, x_max, y_min, y_max) > 1 THEN 2
-    WHEN x_max <= x_min OR y_max <= y_min THEN 3 END AS reason,
-  CASE WHEN reason IS NOT NULL THEN 0 WHEN group_of = 1 THEN 1 WHEN inside = 1 THEN 2
-    WHEN greatest(w / h, h / w) > {max_aspect} THEN 3 WHEN w * h < {min_area} OR w * h > {max_area} THEN 4 ELSE 5 END
-    AS outcome
-  FROM (SELECT CAST(ImageID AS VARCHAR) AS id, CAST(LabelName AS VARCHAR) AS label, trim(label) AS mid, {numbers}
-        FROM {source}) LEFT JOIN classes USING (mid)) GROUP BY image, idx) GROUP BY image"""
-_SUBJECTS = """SELECT printf('%016x', image) AS image_id, mid AS label_mid, name AS label_name, x_min, x_max, y_min, y_max,
-  (x_max - x_min) * (y_max - y_min) AS area, greatest((x_max - x_min) / (y_max - y_min), (y_max - y_min) / (x_max - x_min))
-  AS aspect FROM (SELECT image, unnest(best) FROM images WHERE image_ok AND NOT human AND best IS NOT NULL)
-  JOIN classes USING (idx) ORDER BY image"""
-_TOTALS = ("SELECT sum(rows), count(*) FILTER (image_ok), sum(rows) FILTER (NOT image_ok), "
-           + ", ".join(f'sum("{column}") FILTER (image_ok)' for column in (*_REASONS, "group", *_SINGLE))
-           + ", sum(passed + passed_cluttered) FILTER (image_ok AND human), sum(passed_cluttered) FILTER (image_ok AND "
-           "NOT human), sum(passed) FILTER (image_ok AND NOT human) FROM images")
+def _indices(mids: list[str], chosen: dict[str, str]) -> str:  # SQL list of the classes' indices
+    return ", ".join(str(index) for index, mid in enumerate(mids) if mid in chosen) or "-1"
 
 
 def filter_subjects(boxes: Path, classes: Path, rules: FilterRules, block_bytes: int = DEFAULT_BLOCK_BYTES,
@@ -181,41 +161,49 @@ def filter_subjects(boxes: Path, classes: Path, rules: FilterRules, block_bytes:
     import duckdb
 
     names = read_classes(classes)
+    mids = sorted(names)  # a class's index is its place in MID order: the smallest wins a tie
+    source = _source(Path(boxes), block_bytes)
+    if spill:  # made only once the inputs are known good
+        spill.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=spill and spill.parent, prefix=spill and spill.name) as temp, \
             duckdb.connect() as connection:
         try:
             connection.execute(f"SET memory_limit = {_quote(memory_limit)}")
         except duckdb.Error as error:
             raise ValueError(f"memory limit {memory_limit!r}: {str(error).splitlines()[0]}") from error
-        connection.execute(f"SET temp_directory = {_quote(temp)}; SET preserve_insertion_order = false")
-        connection.register("classes", pd.DataFrame({  # idx in MID order: the smallest wins a tie
-            "idx": range(len(names)), "mid": sorted(names), "name": [names[mid] for mid in sorted(names)],
-            "human": [mid in rules.human_classes for mid in sorted(names)],
-            "cluttered": [mid in rules.cluttered_classes for mid in sorted(names)]}))
-        connection.execute(_QUERY.format(
-            source=_source(Path(boxes), block_bytes), values=", ".join(f"any_value({v}) AS {v}" for v in _VALUES[:4]),
-            numbers=", ".join(f"TRY_CAST({column} AS DOUBLE) AS {value}" for column, value in zip(BOX_COLUMNS[2:], _VALUES,
-                                                                                                  strict=True)),
-            nan=" OR ".join(f"isnan({value}) IS NOT FALSE" for value in _VALUES),
-            reasons=", ".join(f"count(*) FILTER (reason = {code}) AS {reason}" for code, reason in enumerate(_REASONS)),
-            image_reasons=", ".join(f"sum({reason}) AS {reason}" for reason in _REASONS),
-            single=", ".join(f"count(*) FILTER (count = 1 AND outcome = {_OUTCOMES.index(rule)}) AS {rule}" for rule in _SINGLE),
-            **rules.model_dump(include={"max_aspect", "min_area", "max_area"})))
-        subjects = connection.execute(_SUBJECTS).df().astype({name: "string" for name in SUBJECT_COLUMNS[:3]})
-        malformed = connection.execute("SELECT count(DISTINCT (scan_id, line)) FROM reject_errors").fetchone()[0] \
-            if connection.execute("FROM duckdb_tables() WHERE table_name = 'reject_errors'").fetchone() else 0
-        totals = [int(value or 0) for value in connection.execute(_TOTALS).fetchone()]
-    reasons = dict(zip(INVALID_REASONS, [malformed, *totals[2:7]], strict=True))
-    removed = dict(zip(RULE_ORDER, [sum(reasons.values()), *totals[7:13], totals[13] - len(subjects)], strict=True))
-    return FilterResult(subjects, Funnel(totals[0] + malformed, totals[1], removed, reasons, len(subjects)))
+        connection.execute(f"SET temp_directory = {_quote(temp)}; SET preserve_insertion_order = false; "
+                           f"CREATE TYPE class_mid AS ENUM ({', '.join(map(_quote, mids))})")
+        connection.register("classes", pd.DataFrame({"idx": range(len(mids)), "mid": mids, "name": map(names.get, mids)}))
+        statements = (Path(__file__).with_name("rules") / "subject_filter.sql").read_text(encoding="utf-8").format(
+            **source, **rules.model_dump(include={"max_aspect", "min_area", "max_area"}),
+            human=_indices(mids, rules.human_classes), cluttered=_indices(mids, rules.cluttered_classes))
+        try:
+            connection.execute(statements)
+        except duckdb.OutOfMemoryException as error:
+            raise ValueError(f"the filter needs more memory than the limit {memory_limit!r} allows (DuckDB: "
+                             f"{str(error).splitlines()[0]}); raise it with --memory-limit") from error
+        subjects = connection.execute("FROM subjects ORDER BY image_id").df()
+        rejected = connection.execute("SELECT count(DISTINCT (scan_id, line)) FROM reject_errors").fetchone()[0] \
+            if source["malformed"] != "false" else 0
+        cursor = connection.execute("FROM totals")
+        totals = {column[0]: int(value or 0) for column, value in zip(cursor.description, cursor.fetchone(), strict=True)}
+    reasons = dict(zip(INVALID_REASONS, [totals["malformed"] + rejected, *(totals[name] for name in INVALID_REASONS[1:])],
+                       strict=True))
+    # valid rows that are group-of or in a pair of several: all valid rows less the pairs of one box past "group"
+    singles = {rule: totals[rule] for rule in ("inside", "aspect", "area", "human", "cluttered")}
+    removed = {"invalid": sum(reasons.values()), "group": totals["valid"] - sum(singles.values()) - totals["candidates"],
+               **singles, "one_per_image": totals["candidates"] - len(subjects)}
+    return FilterResult(subjects.astype({name: "string" for name in SUBJECT_COLUMNS[:3]}),
+                        Funnel(totals["rows"] + rejected, totals["images"], removed, reasons, len(subjects)))
+
 
 
 def run_filter(config: FilterConfig) -> FilterResult:
     """Run the filter, spilling inside ``config.out``, and write ``subjects.parquet`` and ``funnel.json``."""
-    config.out.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(config.out)
-    for leftover in config.out.glob(f"{SPILL_FOLDER}*"):  # a killed run's spill
-        shutil.rmtree(leftover, ignore_errors=True)
+    if config.out.is_dir():
+        remove_stale_temporaries(config.out)
+        for leftover in config.out.glob(f"{SPILL_FOLDER}*"):  # a killed run's spill
+            shutil.rmtree(leftover, ignore_errors=True)
     result = filter_subjects(config.boxes, config.classes, config.load_rules(), config.block_bytes,
                              config.memory_limit, config.out / SPILL_FOLDER)
     write_subjects(result.subjects, config.out / "subjects.parquet")

@@ -30,6 +30,10 @@ def filter_command(
     rules: Annotated[
         Path | None, typer.Option(help="Rules TOML replacing the paper's thresholds and class lists.")
     ] = None,
+    memory_limit: Annotated[
+        str | None,
+        typer.Option(help="DuckDB's memory limit (e.g. 400MB, 2GB; the filter's own when absent); it spills into OUT."),
+    ] = None,
 ) -> None:
     """Choose one subject per image by the paper's rules (appendix A.4)."""
     from blipdiff.datasets.openimages import FilterConfig, run_filter
@@ -37,7 +41,8 @@ def filter_command(
     from pydantic import ValidationError
 
     try:
-        config = FilterConfig(boxes=boxes, classes=classes, out=out, rules=rules)
+        limit = {"memory_limit": memory_limit} if memory_limit else {}
+        config = FilterConfig(boxes=boxes, classes=classes, out=out, rules=rules, **limit)
         result = run_filter(config)
     except (ValueError, FileNotFoundError, ValidationError) as error:
         raise _fail(str(error)) from error

@@ -45,7 +45,7 @@ def test_filter_writes_subjects_and_funnel_and_a_rerun_replaces_them(tmp_path):
     (out / ".tmp-left-by-a-killed-run.parquet").write_bytes(b"partial")
     (out / "subjects.parquet").write_bytes(b"an older, different result")
 
-    done = blipdiff("filter", "--boxes", str(boxes), "--classes", str(classes), "--out", str(out))
+    done = blipdiff("filter", "--boxes", str(boxes), "--classes", str(classes), "--out", str(out), "--memory-limit", "64MB")
     assert done.returncode == 0, done.stderr
     assert "group" in done.stdout and "subjects" in done.stdout
     subjects = read_subjects(out / "subjects.parquet")
@@ -82,6 +82,13 @@ def test_filter_errors_are_clear_and_leave_no_output(tmp_path):
     rejected = blipdiff("filter", "--boxes", str(not_boxes), "--classes", str(bad_classes), "--out", str(out))
     assert rejected.returncode == 2 and "expected `MID,Name`" in rejected.stderr
     assert not out.exists()
+
+    boxes = shared_path("openimages", "format_samples", "v3_val_test_annotations-human-bbox_sample.csv")
+    for limit, message in (("lots", "memory limit 'lots'"), ("1MB", "raise it with --memory-limit")):
+        refused = blipdiff("filter", "--boxes", str(boxes), "--classes", str(classes), "--out", str(out),
+                           "--memory-limit", limit)
+        assert refused.returncode == 2 and message in refused.stderr and "Traceback" not in refused.stderr
+        assert not (out / "subjects.parquet").exists() and not list(out.glob(".tmp-filter-spill*"))
 
 
 def test_demo_runs_the_whole_chain_on_the_bundled_sample(fiftyone_database, tmp_path):

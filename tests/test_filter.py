@@ -210,6 +210,23 @@ def test_an_invalid_box_still_counts_towards_its_class_in_the_image(write_boxes,
     assert result.funnel.removed["invalid"] == 1 and result.funnel.removed["group"] == 1
 
 
+def test_a_human_box_with_a_bad_image_id_removes_no_other_image(write_boxes, class_file):
+    # The bad id is no image at all: it must not make every other image look human (a NULL in an IN list).
+    rows = [box("not-an-image-id!", PERSON), box(image(1), CAT), box(image(2), DOG)]
+    result = run(write_boxes, class_file, rows)
+    assert chosen(result) == {image(1): CAT, image(2): DOG}
+    assert result.funnel.invalid_reasons["bad_image_id"] == 1 and result.funnel.removed["human"] == 0
+
+
+def test_a_line_with_too_many_values_is_malformed(write_boxes, class_file):
+    path = write_boxes([box(image(1), CAT), box(image(2), DOG)])
+    header, first, second = path.read_text().splitlines()
+    path.write_text(f"{header}\n{first}\n{second},one too many\n")
+    result = filter_subjects(path, class_file, FilterRules.paper_defaults())
+    assert chosen(result) == {image(1): CAT}
+    assert result.funnel.invalid_reasons["malformed_line"] == 1 and result.funnel.rows_read == 2
+
+
 def test_funnel_adds_up_and_is_written(write_boxes, class_file, tmp_path):
     rows = [box(image(i), [CAT, DOG, CUP, TREE, PERSON][i % 5], 0.0, 0.3 + 0.05 * (i % 11), 0.0, 0.9,
                 group=int(i % 13 == 0), inside=int(i % 17 == 0)) for i in range(300)]

@@ -1,0 +1,68 @@
+-- The subject filter as DuckDB statements, run in order by datasets/openimages.py, which fills in the names in braces.
+-- A box's code is the first rule that removes it: 0 missing value, 1 unknown class, 2 coordinate out of
+-- range, 3 empty box, 4 group-of, 5 inside, 6 aspect, 7 area; 8 passed; 9 a malformed line. Boxes are grouped
+-- by (image, class): the group rule needs a class's count of boxes in an image (invalid ones too), and only a
+-- pair of one box can hold a subject. A bad image id (NULL) comes before every other check.
+CREATE TEMP TABLE pairs AS
+SELECT image, enum_code(class) AS idx, count(*)::UINTEGER AS n, min(code) AS code,
+    count(*) FILTER (code = 0)::UINTEGER AS t0, count(*) FILTER (code = 1)::UINTEGER AS t1,
+    count(*) FILTER (code = 2)::UINTEGER AS t2, count(*) FILTER (code = 3)::UINTEGER AS t3,
+    count(*) FILTER (code = 9)::UINTEGER AS t9,
+    any_value(x_min) AS x_min, any_value(x_max) AS x_max, any_value(y_min) AS y_min, any_value(y_max) AS y_max
+FROM (
+    SELECT *, CASE
+        WHEN malformed THEN 9
+        WHEN isnan(x_min) IS NOT FALSE OR isnan(x_max) IS NOT FALSE OR isnan(y_min) IS NOT FALSE
+            OR isnan(y_max) IS NOT FALSE OR isnan(group_of) IS NOT FALSE OR isnan(inside) IS NOT FALSE
+            OR class IS NULL AND ({no_label}) THEN 0
+        WHEN class IS NULL THEN 1
+        WHEN least(x_min, x_max, y_min, y_max) < 0 OR greatest(x_min, x_max, y_min, y_max) > 1 THEN 2
+        WHEN x_max <= x_min OR y_max <= y_min THEN 3
+        WHEN group_of = 1 THEN 4
+        WHEN inside = 1 THEN 5
+        WHEN greatest(w / h, h / w) > {max_aspect} THEN 6
+        WHEN w * h < {min_area} OR w * h > {max_area} THEN 7
+        ELSE 8 END AS code
+    FROM (
+        SELECT *, x_max - x_min AS w, y_max - y_min AS h FROM (
+            SELECT CASE WHEN NOT malformed AND regexp_full_match(id, '[0-9a-f]{{16}}')
+                        THEN CAST('0x' || id AS UBIGINT) END AS image,
+                malformed, label, TRY_CAST(trim(label) AS class_mid) AS class, {numbers}
+            FROM (SELECT CAST(ImageID AS VARCHAR) AS id, CAST(LabelName AS VARCHAR) AS label,
+                         {malformed} AS malformed, * FROM {source}))))
+GROUP BY image, class;
+
+-- The pairs of one box that pass every rule up to "human", with what removes them after.
+CREATE TEMP TABLE passed AS
+SELECT *, idx IN ({cluttered}) AS cluttered,
+    image IN (SELECT image FROM pairs WHERE idx IN ({human}) AND image IS NOT NULL) AS human
+FROM pairs WHERE n = 1 AND code = 8 AND image IS NOT NULL;
+
+-- One subject per image: the largest key, which is the area's IEEE bits (they order like the area, areas
+-- being positive), then the smallest class index (MID order) on a tie: integers, because structs are slow.
+CREATE TEMP TABLE subjects AS
+SELECT printf('%016x', image) AS image_id, mid AS label_mid, name AS label_name, x_min, x_max, y_min, y_max,
+    (x_max - x_min) * (y_max - y_min) AS area,
+    greatest((x_max - x_min) / (y_max - y_min), (y_max - y_min) / (x_max - x_min)) AS aspect
+FROM (
+    SELECT image, 65535 - max(key) % 65536 AS idx, arg_max(x_min, key) AS x_min, arg_max(x_max, key) AS x_max,
+        arg_max(y_min, key) AS y_min, arg_max(y_max, key) AS y_max
+    FROM (SELECT *, ((x_max - x_min) * (y_max - y_min))::BIT::BIGINT::HUGEINT * 65536 + 65535 - idx AS key
+          FROM passed WHERE NOT human AND NOT cluttered)
+    GROUP BY image)
+JOIN classes USING (idx);
+
+-- The funnel's counts.
+CREATE TEMP TABLE totals AS
+SELECT * FROM (
+    SELECT sum(n) AS rows, sum(t9) AS malformed, sum(n - t9) FILTER (image IS NULL) AS bad_image_id,
+        sum(t0) FILTER (image IS NOT NULL) AS missing_value, sum(t1) FILTER (image IS NOT NULL) AS unknown_class,
+        sum(t2) FILTER (image IS NOT NULL) AS coordinate_out_of_range,
+        sum(t3) FILTER (image IS NOT NULL) AS empty_box,
+        sum(n - t0 - t1 - t2 - t3) FILTER (image IS NOT NULL) AS valid, count(DISTINCT image) AS images,
+        count(*) FILTER (image IS NOT NULL AND n = 1 AND code = 5) AS inside,
+        count(*) FILTER (image IS NOT NULL AND n = 1 AND code = 6) AS aspect,
+        count(*) FILTER (image IS NOT NULL AND n = 1 AND code = 7) AS area
+    FROM pairs),
+    (SELECT count(*) FILTER (human) AS human, count(*) FILTER (NOT human AND cluttered) AS cluttered,
+        count(*) FILTER (NOT human AND NOT cluttered) AS candidates FROM passed);
