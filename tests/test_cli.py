@@ -45,7 +45,7 @@ def test_filter_writes_subjects_and_funnel_and_a_rerun_replaces_them(tmp_path):
     (out / ".tmp-left-by-a-killed-run.parquet").write_bytes(b"partial")
     (out / "subjects.parquet").write_bytes(b"an older, different result")
 
-    done = blipdiff("filter", "--boxes", str(boxes), "--classes", str(classes), "--out", str(out), "--memory-limit", "64MB")
+    done = blipdiff("filter", "--boxes", str(boxes), "--classes", str(classes), "--out", str(out))
     assert done.returncode == 0, done.stderr
     assert "group" in done.stdout and "subjects" in done.stdout
     subjects = read_subjects(out / "subjects.parquet")
