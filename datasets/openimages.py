@@ -12,7 +12,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pandas as pd
-import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -27,8 +26,7 @@ RULE_ORDER = ("invalid", "group", "inside", "aspect", "area", "human", "cluttere
 INVALID_REASONS = ("malformed_line", "bad_image_id", "missing_value", "unknown_class", "coordinate_out_of_range", "empty_box")
 DEFAULT_BLOCK_BYTES, DEFAULT_MEMORY_LIMIT = 4 << 20, "400MB"
 SPILL_FOLDER = ".tmp-filter-spill"  # under the temporaries' prefix
-_VALUES = ("x_min", "x_max", "y_min", "y_max")
-_NUMBERS = (*_VALUES, "group_of", "inside")  # BOX_COLUMNS[2:] as the query names them ("1_000" is no number)
+_NUMBERS = ("x_min", "x_max", "y_min", "y_max", "group_of", "inside")  # BOX_COLUMNS[2:]; in text, "1_000" is no number
 
 
 class FilterRules(BaseModel):
@@ -101,12 +99,11 @@ def read_classes(path: Path) -> dict[str, str]:
     try:
         with open(path, newline="", encoding="utf-8") as handle:
             for number, row in enumerate(csv.reader(handle), start=1):
-                if not row or not "".join(row).strip():
-                    continue
-                if len(row) != 2 or not row[0].strip():
+                cells = [cell.strip() for cell in row]
+                if any(cells) and (len(cells) != 2 or not cells[0]):
                     raise ValueError(f"{path}:{number}: expected `MID,Name`, got {row!r}")
-                if names.setdefault(row[0].strip(), row[1].strip()) != row[1].strip():
-                    raise ValueError(f"{path}:{number}: MID {row[0].strip()} is listed twice")
+                if any(cells) and names.setdefault(*cells) != cells[1]:
+                    raise ValueError(f"{path}:{number}: MID {cells[0]} is listed twice")
     except (OSError, UnicodeDecodeError) as error:
         raise ValueError(f"cannot read class descriptions {path}: {error}") from error
     if not names:
@@ -114,10 +111,9 @@ def read_classes(path: Path) -> dict[str, str]:
     return names
 
 
-def _source(path: Path, block_bytes: int) -> dict[str, str]:
-    """The box file as DuckDB reads it (columns checked) and SQL for its values. CSV values stay text: a stray one
-    is a counted invalid row, a missing one what Arrow's CSV reader calls null (as before). A CSV line of the wrong
-    length is padded or spills into a column of its own, a malformed line as are DuckDB's ``reject_errors``."""
+def _source(path: Path, block_bytes: int, parallel: bool = True) -> dict[str, str]:
+    """The box file as DuckDB reads it (columns checked) and SQL for its values. CSV values stay text (a stray one is an
+    invalid row, a missing one what Arrow's CSV reader calls null); a line of the wrong length is malformed."""
     if not path.is_file():
         raise FileNotFoundError(f"box annotations not found: {path}")
     with open(path, "rb") as handle:
@@ -125,7 +121,7 @@ def _source(path: Path, block_bytes: int) -> dict[str, str]:
     if head == b"PAR1":
         schema = pq.ParquetFile(path).schema_arrow
         names, source, malformed, no_label = schema.names, f"read_parquet({_quote(path)})", "false", "label IS NULL"
-        text = [field.name for field in schema if pa.types.is_string(field.type) or pa.types.is_large_string(field.type)]
+        text = [field.name for field in schema if str(field.type) in ("string", "large_string")]
     else:
         compression = "gzip" if head[:2] == b"\x1f\x8b" else "none"
         with (gzip.open if compression == "gzip" else open)(path, "rt", encoding="utf-8-sig", newline="") as reader:
@@ -135,7 +131,7 @@ def _source(path: Path, block_bytes: int) -> dict[str, str]:
         source = (f"read_csv({_quote(path)}, header = true, auto_detect = false, delim = ',', quote = '\"', "
                   f"escape = '\"', columns = {{{columns}}}, strict_mode = false, null_padding = true, "
                   f"nullstr = {_quote(beyond)}, store_rejects = true, compression = '{compression}', "
-                  f"buffer_size = {max(block_bytes, 1 << 16)})")  # NULL only where padded: empty is ''
+                  f"parallel = {str(parallel).lower()}, buffer_size = {max(block_bytes, 1 << 16)})")  # NULL: padded
         malformed = f'"{beyond}" IS NOT NULL OR "{names[-1]}" IS NULL' if names else "false"
         no_label = f"label IN ({', '.join(map(_quote, pa_csv.ConvertOptions().null_values))})"
     if missing := [column for column in BOX_COLUMNS if column not in names]:
@@ -156,15 +152,31 @@ def _indices(mids: list[str], chosen: dict[str, str]) -> str:  # SQL list of the
 
 def filter_subjects(boxes: Path, classes: Path, rules: FilterRules, block_bytes: int = DEFAULT_BLOCK_BYTES,
                     memory_limit: str = DEFAULT_MEMORY_LIMIT, spill: Path | None = None) -> FilterResult:
-    """Apply the rules to a box file and choose one subject per image. DuckDB keeps to ``memory_limit``,
-    spilling into a temporary folder beside ``spill`` (or the system's), removed at the end."""
+    """One subject per image by ``rules``; DuckDB keeps to ``memory_limit``, spilling in a folder beside ``spill``."""
     import duckdb
 
     names = read_classes(classes)
-    mids = sorted(names)  # a class's index is its place in MID order: the smallest wins a tie
     source = _source(Path(boxes), block_bytes)
     if spill:  # made only once the inputs are known good
         spill.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        subjects, totals = _query(source, names, rules, memory_limit, spill)
+    except duckdb.Error as error:
+        if "quoted new lines" not in str(error):
+            raise
+        # DuckDB's parallel CSV scanner cannot pad short lines once a quoted value holds a line break: one thread can
+        subjects, totals = _query(_source(Path(boxes), block_bytes, parallel=False), names, rules, memory_limit, spill)
+    removed = {"invalid": sum(totals[reason] for reason in INVALID_REASONS), **{rule: totals[rule] for rule in RULE_ORDER[1:]}}
+    return FilterResult(subjects.astype({name: "string" for name in SUBJECT_COLUMNS[:3]}), Funnel(
+        totals["rows"], totals["images"], removed, {reason: totals[reason] for reason in INVALID_REASONS}, len(subjects)))
+
+
+def _query(source: dict[str, str], names: dict[str, str], rules: FilterRules, memory_limit: str,
+           spill: Path | None) -> tuple[pd.DataFrame, dict[str, int]]:
+    """The subjects and the funnel's totals (lines DuckDB rejected counted as rows and malformed lines)."""
+    import duckdb
+
+    mids = sorted(names)  # a class's index is its place in MID order: the smallest wins a tie
     with tempfile.TemporaryDirectory(dir=spill and spill.parent, prefix=spill and spill.name) as temp, \
             duckdb.connect() as connection:
         try:
@@ -183,19 +195,12 @@ def filter_subjects(boxes: Path, classes: Path, rules: FilterRules, block_bytes:
             raise ValueError(f"the filter needs more memory than the limit {memory_limit!r} allows (DuckDB: "
                              f"{str(error).splitlines()[0]}); raise it with --memory-limit") from error
         subjects = connection.execute("FROM subjects ORDER BY image_id").df()
-        rejected = connection.execute("SELECT count(DISTINCT (scan_id, line)) FROM reject_errors").fetchone()[0] \
-            if source["malformed"] != "false" else 0
         cursor = connection.execute("FROM totals")
         totals = {column[0]: int(value or 0) for column, value in zip(cursor.description, cursor.fetchone(), strict=True)}
-    reasons = dict(zip(INVALID_REASONS, [totals["malformed"] + rejected, *(totals[name] for name in INVALID_REASONS[1:])],
-                       strict=True))
-    # valid rows that are group-of or in a pair of several: all valid rows less the pairs of one box past "group"
-    singles = {rule: totals[rule] for rule in ("inside", "aspect", "area", "human", "cluttered")}
-    removed = {"invalid": sum(reasons.values()), "group": totals["valid"] - sum(singles.values()) - totals["candidates"],
-               **singles, "one_per_image": totals["candidates"] - len(subjects)}
-    return FilterResult(subjects.astype({name: "string" for name in SUBJECT_COLUMNS[:3]}),
-                        Funnel(totals["rows"] + rejected, totals["images"], removed, reasons, len(subjects)))
-
+        if source["malformed"] != "false":  # a CSV
+            rejected = connection.execute("SELECT count(DISTINCT (scan_id, line)) FROM reject_errors").fetchone()[0]
+            totals.update(rows=totals["rows"] + rejected, malformed_line=totals["malformed_line"] + rejected)
+    return subjects, totals
 
 
 def run_filter(config: FilterConfig) -> FilterResult:

@@ -52,14 +52,19 @@ FROM (
     GROUP BY image)
 JOIN classes USING (idx);
 
--- The funnel's counts.
+-- The funnel: the boxes each rule removed, each under the first rule that removes it. A box past "invalid" is
+-- group-of or in a pair of several unless it is a pair of one box past "group".
 CREATE TEMP TABLE totals AS
-SELECT * FROM (
-    SELECT sum(n) AS rows, sum(t9) AS malformed, sum(n - t9) FILTER (image IS NULL) AS bad_image_id,
+SELECT rows, images, malformed_line, bad_image_id, missing_value, unknown_class, coordinate_out_of_range, empty_box,
+    valid - inside - aspect - area - human - cluttered - candidates AS "group", inside, aspect, area, human, cluttered,
+    candidates - (SELECT count(*) FROM subjects) AS one_per_image
+FROM (
+    SELECT sum(n) AS rows, count(DISTINCT image) AS images, sum(t9) AS malformed_line,
+        sum(n - t9) FILTER (image IS NULL) AS bad_image_id,
         sum(t0) FILTER (image IS NOT NULL) AS missing_value, sum(t1) FILTER (image IS NOT NULL) AS unknown_class,
         sum(t2) FILTER (image IS NOT NULL) AS coordinate_out_of_range,
         sum(t3) FILTER (image IS NOT NULL) AS empty_box,
-        sum(n - t0 - t1 - t2 - t3) FILTER (image IS NOT NULL) AS valid, count(DISTINCT image) AS images,
+        sum(n - t0 - t1 - t2 - t3) FILTER (image IS NOT NULL) AS valid,
         count(*) FILTER (image IS NOT NULL AND n = 1 AND code = 5) AS inside,
         count(*) FILTER (image IS NOT NULL AND n = 1 AND code = 6) AS aspect,
         count(*) FILTER (image IS NOT NULL AND n = 1 AND code = 7) AS area
