@@ -16,6 +16,7 @@ from gpu_generate import random_pipeline
 from blipdiff.models.training.finetune import FinetuneConfig, finetune
 from blipdiff.models.training.dreambooth import DreamBoothConfig, make_class_images, train_worker, class_image_folder
 
+n_class = int(sys.argv[1]) if len(sys.argv) > 1 else 200  # read first: a bad argument fails before minutes of GPU work
 work = Path("/tmp/dbw"); work.mkdir(exist_ok=True)
 photos = DREAMBENCH / "dog"
 torch.manual_seed(0)
@@ -23,7 +24,6 @@ pipe = random_pipeline(False, torch.device("cuda"), torch.float32, "dog"); pipe.
 model = str(work / "ckpt")
 t = time.perf_counter(); finetune(FinetuneConfig(model=model, images=[photos], subject="dog", out=work / "blip", steps=50, device="cuda"), log=lambda l: None); blip_total = time.perf_counter() - t
 blip = json.loads((work / "blip" / "subject.json").read_text())
-n_class = int(sys.argv[1])
 cfg = DreamBoothConfig(base=model, images=[photos], class_noun="dog", out=work / "db", steps=800, prior_preservation=True, num_class_images=n_class, class_images=work / "classes", checkpoint_every=800)
 folder = class_image_folder(cfg); folder.mkdir(parents=True, exist_ok=True)
 t = time.perf_counter(); make_class_images(cfg.base, "dog", list(range(n_class)), str(folder), cfg.seed, cfg.resolution, cfg.class_steps, cfg.class_guidance); class_s = time.perf_counter() - t

@@ -39,6 +39,11 @@ def class_prompt(class_noun: str) -> str:
     return f"a {class_noun}"
 
 
+def resolve_base(base: str | os.PathLike) -> Path:
+    """A base model's folder (a hub id fetched), checked to hold Stable Diffusion's components."""
+    return checkpoint.resolve(base, COMPONENTS, kind=f"Stable Diffusion checkpoint ({', '.join(COMPONENTS)})")
+
+
 def load_stable_diffusion(base: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | None = None):
     """A ``StableDiffusionPipeline`` (no safety checker) from a Stable Diffusion 1.5 checkpoint in the
     diffusers layout or a BLIP-Diffusion checkpoint (hub id or folder): its U-Net, VAE, scheduler,
@@ -47,15 +52,14 @@ def load_stable_diffusion(base: str | os.PathLike, dtype: torch.dtype = torch.fl
     import diffusers
     import transformers
 
-    root = checkpoint.resolve(base, COMPONENTS, kind="Stable Diffusion checkpoint (unet, vae, text_encoder, "
-                                                      "tokenizer, scheduler)")
+    root = resolve_base(base)
     index = checkpoint.read_index(root, COMPONENTS)
     text_config = checkpoint.parse_config(
         transformers.CLIPTextConfig, checkpoint.read_json(root / "text_encoder" / "config.json"), "text_encoder")
     # transformers' own loader: it reads the classic "text_model."-prefixed keys (Stable Diffusion's, and
     # BLIP-Diffusion's context text encoder's) into today's CLIPTextModel.
     text_encoder, info = transformers.CLIPTextModel.from_pretrained(root / "text_encoder", config=text_config,
-                                                                    torch_dtype=dtype, output_loading_info=True)
+                                                                    dtype=dtype, output_loading_info=True)
     checkpoint.raise_for_keys("text_encoder", info["missing_keys"], info["unexpected_keys"],
                               [str(key) for key in info.get("mismatched_keys", [])])
     unet = checkpoint.load_diffusers_model(diffusers.UNet2DConditionModel, root, "unet", dtype)

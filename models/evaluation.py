@@ -168,10 +168,9 @@ def plan(config: EvalConfig):
 
     # On the driver first: a wrong model is a one-line error, and a hub id is fetched once for every actor.
     if config.method == "dreambooth":
-        from blipdiff.models.dreambooth import COMPONENTS
+        from blipdiff.models.dreambooth import resolve_base
 
-        checkpoint.resolve(config.model, COMPONENTS, kind="Stable Diffusion checkpoint (unet, vae, text_encoder, "
-                                                          "tokenizer, scheduler)")
+        resolve_base(config.model)
     else:
         checkpoint.resolve(config.model)
     bench = read_dreambench(config.dreambench)

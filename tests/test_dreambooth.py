@@ -157,8 +157,12 @@ def test_a_rerun_resumes_from_the_newest_checkpoint_to_the_uninterrupted_weights
     resumed, uninterrupted = load_file(out / "unet" / "model.safetensors"), load_file(full_run / "unet" / "model.safetensors")
     for key in uninterrupted:
         torch.testing.assert_close(resumed[key], uninterrupted[key], rtol=0, atol=0)
+    assert [path.name for path in (out / "checkpoints").iterdir()] == ["step-000004"]  # older ones pruned
+    assert json.loads((out / "dreambooth.json").read_text())["losses"] == \
+        json.loads((full_run / "dreambooth.json").read_text())["losses"]
     done = []
-    run_dreambooth(config(base, photos, out, class_cache, steps=4), log=done.append)
+    moved = tmp_path / "class-images-moved"  # where the cache lives is no part of the run
+    run_dreambooth(config(base, photos, out, moved, steps=4), log=done.append)
     assert "already holds" in done[0]
     with pytest.raises(ValueError, match="another DreamBooth run"):
         run_dreambooth(config(base, photos, out, class_cache, steps=4, lr=2e-3))

@@ -46,7 +46,8 @@ CHECKPOINTS = "checkpoints"
 SETTINGS_FILE = "run.json"
 CLASS_RECORD = "class.json"
 # What a run's weights do not depend on: changing them resumes the same run.
-NOT_TRAJECTORY = {"out", "steps", "checkpoint_every", "workers_for_class_images", "max_failures", "gpus_per_worker"}
+NOT_TRAJECTORY = {"out", "steps", "checkpoint_every", "workers_for_class_images", "max_failures", "gpus_per_worker",
+                  "class_images"}  # the cache's folder: its entries are named by what they hold
 
 
 class DreamBoothConfig(BaseModel):
@@ -237,12 +238,12 @@ def checkpoints(out: Path) -> list[Path]:
 
 
 class _Trained:
-    """The modules a run trains (the U-Net, and the text encoder when asked), as one module for DDP."""
+    """The modules a run trains (the U-Net, and the text encoder when asked), by name."""
 
     def __init__(self, pipe, config: DreamBoothConfig):
         import torch
 
-        self.pipe, self.config = pipe, config
+        self.config = config
         pipe.vae.requires_grad_(False)
         pipe.text_encoder.requires_grad_(False)
         if config.mode == "lora":
@@ -313,7 +314,7 @@ def train_worker(config: DreamBoothConfig, rank: int, world: int, device, class_
     distributed = dist.is_available() and dist.is_initialized() and world > 1
     device = torch.device(device)
     saved = checkpoints(config.out)
-    torch.manual_seed(config.seed * 1_000 + rank)
+    torch.manual_seed(config.seed)  # the same on every rank: LoRA's initial weights are drawn from it
     pipe = load_stable_diffusion(config.base, torch.float32, device)
     trained = _Trained(pipe, config)
     parameters = [parameter for parameter in trained.modules.parameters() if parameter.requires_grad]
@@ -335,7 +336,12 @@ def train_worker(config: DreamBoothConfig, rank: int, world: int, device, class_
                             padding="max_length", truncation=True, max_length=pipe.tokenizer.model_max_length,
                             return_tensors="pt").input_ids.to(device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
+    contexts = None  # the two prompts' encodings, once, when the text encoder stays frozen
+    if not config.train_text_encoder:
+        with torch.no_grad(), autocast:
+            contexts = trained.modules["text_encoder"](tokens)[0]
     scale = pipe.vae.config.scaling_factor
+    pending = []  # the steps' losses, read at the checkpoints: reading one waits for the GPU
     trained.modules.train()
     clock = time.perf_counter()
     while step < config.steps:
@@ -346,7 +352,7 @@ def train_worker(config: DreamBoothConfig, rank: int, world: int, device, class_
         noise = torch.randn(latents.shape, generator=generator).to(device)
         timesteps = torch.randint(0, schedule.config.num_train_timesteps, (len(rows),), generator=generator).to(device)
         with autocast:
-            context = trained.modules["text_encoder"](tokens[rows])[0]
+            context = contexts[rows] if contexts is not None else trained.modules["text_encoder"](tokens[rows])[0]
             parts = dreambooth_loss(trained.modules["unet"], latents, noise, timesteps, context, config.batch_size,
                                     config.prior_loss_weight, schedule)
         optimizer.zero_grad(set_to_none=True)
@@ -360,8 +366,10 @@ def train_worker(config: DreamBoothConfig, rank: int, world: int, device, class_
                     parameter.grad /= world
         optimizer.step()
         step += 1
-        losses.append(float(parts.total.detach()))
+        pending.append(parts.total.detach())
         if step % config.checkpoint_every == 0 or step == config.steps:
+            losses += torch.stack(pending).tolist()
+            pending.clear()
             train_seconds += time.perf_counter() - clock
             states = [generator.get_state()]
             if distributed:
@@ -377,6 +385,11 @@ def train_worker(config: DreamBoothConfig, rank: int, world: int, device, class_
                         torch.save(state, staging / f"rng-rank{worker}.pt")
                     (staging / "state.json").write_text(json.dumps(
                         {"step": step, "losses": losses, "train_seconds": train_seconds, "workers": world}) + "\n")
+                for old in checkpoints(config.out)[:-1]:  # the newest is all a resume needs
+                    # Renamed first, so that a kill while deleting never leaves a half-deleted "complete" one.
+                    doomed = old.with_name(f"{TEMP_PREFIX}{old.name}.deleted")
+                    old.rename(doomed)
+                    shutil.rmtree(doomed)
             if distributed:
                 dist.barrier()
             clock = time.perf_counter()
@@ -427,8 +440,7 @@ def _train_loop(loop_config: dict) -> None:
 def run_dreambooth(config: DreamBoothConfig, log: Callable[[str], None] = print) -> Path:
     """Train the subject checkpoint into ``config.out`` on Ray Train, resuming from the run's newest
     checkpoint; a finished run is not redone."""
-    from blipdiff.models.blip_diffusion import checkpoint
-    from blipdiff.models.dreambooth import COMPONENTS
+    from blipdiff.models.dreambooth import resolve_base
 
     settings_file = config.out / SETTINGS_FILE
     if settings_file.is_file():
@@ -443,8 +455,7 @@ def run_dreambooth(config: DreamBoothConfig, log: Callable[[str], None] = print)
             record.unlink()
     elif config.out.exists() and (not config.out.is_dir() or any(config.out.iterdir())):
         raise ValueError(f"{config.out} exists and is not a DreamBooth run; choose another --out")
-    checkpoint.resolve(config.base, COMPONENTS, kind="Stable Diffusion checkpoint (unet, vae, text_encoder, "
-                                                      "tokenizer, scheduler)")
+    resolve_base(config.base)
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
