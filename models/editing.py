@@ -14,11 +14,13 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from blipdiff.infra.atomic import atomic_path, remove_stale_temporaries, write_json_atomic
-from blipdiff.models.blip_diffusion.attention_control import CROSS_REPLACE_STEPS, MASK_THRESHOLD
 from blipdiff.models.generation import check_blend, check_device, check_run_folder
 from blipdiff.models.inputs import ImageSide, SubjectText, model_location, readable_image
 
 SETTINGS_FILE = "edit.json"
+# The method's defaults, here rather than beside it: the model code loads torch, and this module must not.
+CROSS_REPLACE_STEPS = 0.8  # Prompt-to-Prompt's default share of steps with shared attention maps
+MASK_THRESHOLD = 0.3  # Prompt-to-Prompt's LocalBlend threshold on max-normalised maps
 OUTPUTS = ("edited.png", "source.png", "mask.png")
 
 

@@ -14,10 +14,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from blipdiff.infra.atomic import atomic_path, remove_stale_temporaries, write_json_atomic
-from blipdiff.models.generation import SCHEDULERS, check_device, check_run_folder
+from blipdiff.models.generation import RUN_FILE, SCHEDULERS, check_device, check_run_folder
 from blipdiff.models.inputs import ImageSide, SubjectText, model_location, readable_image
 
-RUN_FILE = "run.json"
 MANIFEST = "interpolation.parquet"
 
 
@@ -83,6 +82,7 @@ def interpolate(config: InterpolateConfig, log=print) -> Path:
     from PIL import Image
 
     from blipdiff.models.blip_diffusion import BlipDiffusionPipeline
+    from blipdiff.models.blip_diffusion.pipeline import blend_embeddings
 
     check_device(config.device)
     pipe = BlipDiffusionPipeline.from_pretrained(config.model, torch_dtype=getattr(torch, config.dtype),
@@ -93,11 +93,14 @@ def interpolate(config: InterpolateConfig, log=print) -> Path:
     remove_stale_temporaries(config.out)
     write_json_atomic(config.settings(), config.out / RUN_FILE)
     cells = interpolation_weights(len(config.images), config.steps)
+    corners = None  # the subjects' embeddings, made once and only if a cell is missing
     rows, pictures = [], []
     for index, weights in enumerate(cells):
         name = f"cell-{index:03d}.png"
         if not (config.out / name).is_file():
-            blended = pipe.subject_embedding([str(path) for path in config.images], config.subjects, weights)
+            if corners is None:
+                corners = pipe.subject_embeddings([str(path) for path in config.images], config.subjects)
+            blended = blend_embeddings(corners, weights)
             picture = pipe(config.prompt, target_subject_category=config.target_subject, subject_embeds=blended,
                            guidance_scale=config.guidance, height=config.height, width=config.width,
                            num_inference_steps=config.denoising_steps, neg_prompt=config.negative_prompt,

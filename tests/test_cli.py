@@ -29,7 +29,8 @@ def test_help_lists_the_commands_without_importing_heavy_libraries():
                       "finetune", "dreambooth", "encode-latents", "pretrain", "score", "eval", "compare",
                       "pin-baseline", "serve", "server", "demo"}
     probe = (
-        "import sys, blipdiff.infra.cli; "
+        # The stages' configuration models too: a command checks its input before any heavy import.
+        "import sys, blipdiff.infra.cli, blipdiff.models.generation, blipdiff.models.editing, blipdiff.models.interpolation; "
         "heavy = {'pandas', 'pyarrow', 'torch', 'transformers', 'diffusers', 'ray', 'prefect', 'fiftyone'}; "
         "print(sorted(heavy & set(sys.modules)))"
     )

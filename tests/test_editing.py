@@ -182,8 +182,8 @@ def test_blends_at_weights_1_and_0_are_the_single_subject(pipe, photos):
     cat = pipe.subject_embedding(photos["cat"], "cat")
     torch.testing.assert_close(pipe.subject_embedding([photos["dog"], photos["cat"]], ["dog", "cat"], [1, 0]), dog,
                                rtol=0, atol=0)
-    torch.testing.assert_close(pipe.subject_embedding([photos["dog"], photos["cat"]], ["dog", "cat"], [0.3, 0.7]),
-                               0.3 * dog + 0.7 * cat, rtol=0, atol=1e-6)
+    torch.testing.assert_close(pipe.subject_embedding([photos["dog"], photos["cat"]], ["dog", "cat"], [3, 7]),
+                               0.3 * dog + 0.7 * cat, rtol=0, atol=1e-6)  # weights are normalised
     for weights, message in (([1.0], "one non-negative weight per image"), ([0, 0], "not all zero"),
                              ([1, -1], "non-negative")):
         with pytest.raises(ValueError, match=message):
@@ -207,6 +207,10 @@ def test_interpolate_renders_the_path_whose_ends_are_the_subjects_alone(checkpoi
         made = Image.open(tmp_path / "path" / f"cell-{cell:03d}.png")
         assert np.abs(pixels(made) - pixels(alone)).max() <= 1
     middle = pixels(Image.open(tmp_path / "path" / "cell-001.png"))
+    halfway = pipe("on the beach", target_subject_category="dog", num_inference_steps=2, height=SIZE, width=SIZE,
+                   subject_embeds=pipe.subject_embedding([photos["dog"], photos["cat"]], ["dog", "cat"], [0.5, 0.5]),
+                   generator=torch.Generator().manual_seed(4)).images[0]
+    assert np.abs(middle - pixels(halfway)).max() <= 1
     assert np.abs(middle - pixels(Image.open(tmp_path / "path" / "cell-000.png"))).max() > 0
     grid = Image.open(tmp_path / "path" / "grid.png")
     assert grid.size == (3 * SIZE, SIZE)

@@ -32,9 +32,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from blipdiff.models.blip_diffusion.image_processor import ImageInput, open_rgb, to_signed_tensor
+from blipdiff.models.editing import CROSS_REPLACE_STEPS, MASK_THRESHOLD
 
-CROSS_REPLACE_STEPS = 0.8  # Prompt-to-Prompt's default share of steps with shared attention maps
-MASK_THRESHOLD = 0.3  # Prompt-to-Prompt's LocalBlend threshold on max-normalised maps
 
 
 @dataclass
@@ -71,12 +70,6 @@ def _word_positions(pipe, ids: Sequence[int], word: str, what: str) -> list[int]
     raise ValueError(f"the {what} {word!r} is not in the text {text!r}")
 
 
-def _plain_context(pipe, text: str) -> torch.Tensor:
-    """A text without subject embeddings, encoded to the full 77 tokens (Stable Diffusion's way)."""
-    ids = torch.tensor([_token_ids(pipe, text, pipe.text_encoder.config.max_position_embeddings)], device=pipe.device)
-    return pipe.text_encoder(ids)
-
-
 def _guided_noise(pipe, latents: torch.Tensor, t, context: torch.Tensor, negative: torch.Tensor | None,
                   guidance_scale: float) -> torch.Tensor:
     """The (guided) noise prediction for a batch of latents, ``context`` one row per latent."""
@@ -95,8 +88,8 @@ def text_trajectory(pipe, text: str, latents: torch.Tensor, num_inference_steps:
     noise, already scaled): the latents before every step and after the last, noisiest first."""
     scheduler = _ddim(pipe)
     scheduler.set_timesteps(num_inference_steps)
-    context = _plain_context(pipe, text)
-    negative = pipe.encode_negative([neg_prompt]) if guidance_scale > 1.0 else None
+    context = pipe.encode_plain([text])
+    negative = pipe.encode_plain([neg_prompt]) if guidance_scale > 1.0 else None
     trajectory = [latents.float()]
     for t in tqdm(scheduler.timesteps, **pipe._progress_bar_config):
         noise = _guided_noise(pipe, trajectory[-1], t, context, negative, guidance_scale)
@@ -119,7 +112,7 @@ def invert(pipe, image: ImageInput, text: str, num_inference_steps: int = 50, he
     clean = pipe.vae.encode(pixels).latent_dist.mean.float() * pipe.vae.config.scaling_factor
     scheduler = _ddim(pipe, inverse=True)
     scheduler.set_timesteps(num_inference_steps)
-    context = _plain_context(pipe, text)
+    context = pipe.encode_plain([text])
     trajectory = [clean]
     for t in tqdm(scheduler.timesteps, **pipe._progress_bar_config):
         noise = _guided_noise(pipe, trajectory[-1], t, context, None, 1.0)
@@ -183,13 +176,14 @@ class AttentionControl:
 
 
 class EditAttentionProcessor:
-    """diffusers' plain attention (``AttnProcessor``'s computation), with the probabilities of the
-    cross-attention layers passed through the controller before they weigh the values."""
+    """diffusers' plain cross-attention (``AttnProcessor``'s computation), its probabilities passed through the
+    controller before they weigh the values. Only the cross-attention layers get it: the self-attention ones
+    keep diffusers' memory-efficient default, which never builds the (pixels x pixels) probabilities."""
 
     def __init__(self, controller: AttentionControl):
         self.controller = controller
 
-    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, **_) -> torch.Tensor:
         residual = hidden_states
         if attn.spatial_norm is not None:
@@ -198,21 +192,17 @@ class EditAttentionProcessor:
         if spatial:
             batch, channels, height, width = hidden_states.shape
             hidden_states = hidden_states.view(batch, channels, height * width).transpose(1, 2)
-        cross = encoder_hidden_states is not None
-        batch_size, sequence_length, _ = (encoder_hidden_states if cross else hidden_states).shape
+        batch_size, sequence_length, _ = encoder_hidden_states.shape
         attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
         query = attn.to_q(hidden_states)
-        if not cross:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
+        if attn.norm_cross:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
         key = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
         value = attn.head_to_batch_dim(attn.to_v(encoder_hidden_states))
-        probs = attn.get_attention_scores(attn.head_to_batch_dim(query), key, attention_mask)
-        if cross:
-            probs = self.controller.cross_attention(probs, attn.heads)
+        probs = self.controller.cross_attention(attn.get_attention_scores(attn.head_to_batch_dim(query), key, attention_mask),
+                                                attn.heads)
         hidden_states = attn.batch_to_head_dim(torch.bmm(probs, value))
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
         if spatial:
@@ -291,11 +281,12 @@ def edit(pipe, prompt: str, subject: str, edit_token: str, reference_image: Imag
     control = AttentionControl(
         latent_size, _aligned_tokens(source_ids, target_ids, edited, named, begin, queries, length), edited,
         subject_tokens, replace_steps=round(cross_replace_steps * num_inference_steps), threshold=mask_threshold)
-    context = torch.cat([_plain_context(pipe, source_text), pipe.encode_prompt(embeds, [target_text])])
-    negative = pipe.encode_negative([neg_prompt]) if guidance_scale > 1.0 else None
+    context = torch.cat([pipe.encode_plain([source_text]), pipe.encode_prompt(embeds, [target_text])])
+    negative = pipe.encode_plain([neg_prompt]) if guidance_scale > 1.0 else None
     scheduler.set_timesteps(num_inference_steps)
     processors = pipe.unet.attn_processors
-    pipe.unet.set_attn_processor(EditAttentionProcessor(control))
+    pipe.unet.set_attn_processor({name: EditAttentionProcessor(control) if name.endswith("attn2.processor") else processor
+                                  for name, processor in processors.items()})
     try:
         latents = trajectory[0]
         for step, t in enumerate(tqdm(scheduler.timesteps, **pipe._progress_bar_config)):
@@ -303,12 +294,12 @@ def edit(pipe, prompt: str, subject: str, edit_token: str, reference_image: Imag
             both = torch.cat([trajectory[step], latents])
             noise = _guided_noise(pipe, both, t, context, negative, guidance_scale)
             stepped = scheduler.step(noise[1:], t, latents).prev_sample
-            mask = control.mask().to(stepped.device, stepped.dtype)
-            latents = trajectory[step + 1] + mask * (stepped - trajectory[step + 1])
+            mask = control.mask()  # the maps of this step: after the last, the edited region
+            latents = trajectory[step + 1] + mask.to(stepped.device, stepped.dtype) * (stepped - trajectory[step + 1])
     finally:
         pipe.unet.set_attn_processor(processors)
 
-    region = F.interpolate(control.mask()[None, None].float(), size=(height, width), mode="nearest")[0, 0]
+    region = F.interpolate(mask[None, None].float(), size=(height, width), mode="nearest")[0, 0]
     edited_pixels = pipe.decode(latents, "np")[0]
     source_array = np.asarray(source_picture, dtype=np.float32) / 255
     keep = region.cpu().numpy()[:, :, None]

@@ -240,7 +240,7 @@ def load_controlnets(root: Path, index: Mapping[str, Any], dtype: torch.dtype) -
     (``MultiControlNetModel``: ``controlnet/``, ``controlnet_1/``, ... as diffusers saves them); None when
     it lists none."""
     import diffusers
-    from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
+    from diffusers import MultiControlNetModel
 
     if "controlnet" not in index:
         return None

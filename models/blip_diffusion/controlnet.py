@@ -79,12 +79,6 @@ def load_controlnet(source: ControlNetInput, dtype: torch.dtype | None = None):
                                            label=f"controlnet {source}")
 
 
-def _as_nets(controlnet) -> list:
-    from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
-
-    return list(controlnet.nets) if isinstance(controlnet, MultiControlNetModel) else [controlnet]
-
-
 class BlipDiffusionControlNetPipeline(BlipDiffusionPipeline):
     """BLIP-Diffusion with ControlNets. ``controlnet`` is one ``ControlNetModel`` (the official
     ``blipdiffusion-controlnet`` layout) or a ``MultiControlNetModel`` of several."""
@@ -103,16 +97,17 @@ class BlipDiffusionControlNetPipeline(BlipDiffusionPipeline):
                 controlnet, Sequence) else list(controlnet)
             if not sources:
                 raise ValueError("controlnet: an empty list; give one or more ControlNets")
-            pipe.set_controlnets([load_controlnet(source, torch_dtype) for source in sources])
-        if pipe.controlnet is None:
+            pipe.set_controlnets([load_controlnet(source, torch_dtype) for source in sources])  # checked there
+        elif pipe.controlnet is None:
             raise CheckpointError(f"{model}: its model_index.json lists no controlnet; pass controlnet= "
                                   "(a Stable Diffusion 1.5 ControlNet: hub id or folder)")
-        pipe._check_controlnets()
+        else:
+            pipe._check_controlnets()
         return pipe.to(device) if device is not None else pipe
 
     def set_controlnets(self, nets: Sequence) -> None:
         """Use these ControlNets, in this order (one: as the official layout has it)."""
-        from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
+        from diffusers import MultiControlNetModel
 
         nets = list(nets)
         self.controlnet = nets[0] if len(nets) == 1 else MultiControlNetModel(nets)
@@ -120,7 +115,11 @@ class BlipDiffusionControlNetPipeline(BlipDiffusionPipeline):
 
     @property
     def controlnets(self) -> list:
-        return _as_nets(self.controlnet) if self.controlnet is not None else []
+        from diffusers import MultiControlNetModel
+
+        if self.controlnet is None:
+            return []
+        return list(self.controlnet.nets) if isinstance(self.controlnet, MultiControlNetModel) else [self.controlnet]
 
     def _check_controlnets(self) -> None:
         """A ControlNet made for another U-Net would fail deep inside the first step: say which and why."""
@@ -177,13 +176,12 @@ class BlipDiffusionControlNetPipeline(BlipDiffusionPipeline):
         conditions = [self._condition(images, count, num_images_per_prompt, width, height, guided).to(self.device, dtype)
                       for images in per_net]
 
+        # One ControlNet takes its image and scale bare; MultiControlNetModel takes lists.
+        condition, scale = (conditions[0], scales[0]) if len(nets) == 1 else (conditions, scales)
+
         def residuals(model_input: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> dict[str, Any]:
-            if len(nets) == 1:
-                down, mid = self.controlnet(model_input, t, encoder_hidden_states=context, controlnet_cond=conditions[0],
-                                            conditioning_scale=scales[0], return_dict=False)
-            else:
-                down, mid = self.controlnet(model_input, t, encoder_hidden_states=context, controlnet_cond=conditions,
-                                            conditioning_scale=scales, return_dict=False)
+            down, mid = self.controlnet(model_input, t, encoder_hidden_states=context, controlnet_cond=condition,
+                                        conditioning_scale=scale, return_dict=False)
             return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
 
         latents = self._denoise(batch, height, width, num_inference_steps, guidance_scale, generator, latents, context,

@@ -54,6 +54,17 @@ def _as_list(value: str | Sequence[str] | None, count: int, name: str) -> list[s
     return values
 
 
+def blend_embeddings(embeds: torch.Tensor, weights: Sequence[float] | None = None) -> torch.Tensor:
+    """The mean [1, Q, D] of subject embeddings [N, Q, D], weighted by ``weights`` (normalised to sum to 1)."""
+    if weights is None:
+        return embeds.mean(dim=0, keepdim=True)
+    weight = torch.as_tensor([float(value) for value in weights], dtype=torch.float32)
+    if weight.shape != (len(embeds),) or (weight < 0).any() or weight.sum() <= 0:
+        raise ValueError(f"weights: one non-negative weight per image ({len(embeds)}), not all zero; got {list(weights)}")
+    weight = (weight / weight.sum()).to(embeds.device, embeds.dtype)
+    return (embeds * weight[:, None, None]).sum(dim=0, keepdim=True)
+
+
 class BlipDiffusionPipeline:
     def __init__(self, tokenizer, text_encoder: ContextCLIPTextModel, vae, unet, scheduler, qformer: SubjectEncoder,
                  image_processor: SubjectImageProcessor, subject_tokenizer, ctx_begin_pos: int = 2,
@@ -223,6 +234,11 @@ class BlipDiffusionPipeline:
         """The subject embedding [1, num_query_tokens, hidden] of one reference image, or the (weighted)
         mean over several: photos of one subject, or of different subjects (``subject`` then names each
         image's category) to blend them (paper figure 9's subject interpolation)."""
+        return blend_embeddings(self.subject_embeddings(images, subject), weights)
+
+    def subject_embeddings(self, images: ImageInput | Sequence[ImageInput], subject: str | Sequence[str]) -> torch.Tensor:
+        """Each reference image's subject embedding, [len(images), num_query_tokens, hidden]; ``subject`` is the
+        category of them all or of each."""
         images = list(images) if isinstance(images, (list, tuple)) else [images]
         if not images:
             raise ValueError("no reference image")
@@ -231,11 +247,6 @@ class BlipDiffusionPipeline:
             raise ValueError(f"{len(subjects)} subject texts for {len(images)} images: give one, or one per image")
         if any(not isinstance(text, str) or not text.strip() for text in subjects):
             raise ValueError("the subject text is empty: name the subject's category, e.g. 'dog'")
-        if weights is not None:
-            weight = torch.as_tensor([float(value) for value in weights], dtype=torch.float32)
-            if weight.shape != (len(images),) or (weight < 0).any() or weight.sum() <= 0:
-                raise ValueError(f"weights: one non-negative weight per image ({len(images)}), not all zero; "
-                                 f"got {list(weights)}")
         # One Q-Former batch per subject text: padding one text to another's length would change its
         # embedding in the last bits, and a blend at weights 1/0 would then differ from the subject alone.
         embeds = torch.empty(0)
@@ -248,10 +259,7 @@ class BlipDiffusionPipeline:
             if embeds.numel() == 0:
                 embeds = group.new_empty((len(images), *group.shape[1:]))
             embeds[positions] = group
-        if weights is None:
-            return embeds.mean(dim=0, keepdim=True)
-        weight = (weight / weight.sum()).to(embeds.device, embeds.dtype)
-        return (embeds * weight[:, None, None]).sum(dim=0, keepdim=True)
+        return embeds
 
     def load_subject(self, folder: str | os.PathLike) -> torch.Tensor:
         """Apply a subject checkpoint from ``blipdiff finetune`` (its U-Net or LoRA adapter) and return its
@@ -295,8 +303,9 @@ class BlipDiffusionPipeline:
         return self.text_encoder(ids, subject_embeds.to(self.device), self.ctx_begin_pos)
 
     @torch.no_grad()
-    def encode_negative(self, negative: Sequence[str]) -> torch.Tensor:
-        ids = self.tokenizer(list(negative), padding="max_length", truncation=True, max_length=self.text_encoder.config.max_position_embeddings,
+    def encode_plain(self, texts: Sequence[str]) -> torch.Tensor:
+        """Texts without subject embeddings (the negative prompt), to the full 77 tokens: Stable Diffusion's way."""
+        ids = self.tokenizer(list(texts), padding="max_length", truncation=True, max_length=self.text_encoder.config.max_position_embeddings,
                              return_tensors="pt").input_ids.to(self.device)
         return self.text_encoder(ids)
 
@@ -366,7 +375,7 @@ class BlipDiffusionPipeline:
         guided = guidance_scale > 1.0
         if guided:
             negative = _as_list("" if neg_prompt is None else neg_prompt, count, "neg_prompt")
-            context = torch.cat([self.encode_negative(negative), context])
+            context = torch.cat([self.encode_plain(negative), context])
         if num_images_per_prompt > 1:
             groups = 2 if guided else 1
             context = context.view(groups, count, *context.shape[1:]).repeat_interleave(
