@@ -255,19 +255,15 @@ def generate_command(
     """Subject-driven generation with BLIP-Diffusion: PNGs plus a sidecar that makes each again exactly.
     With --control, under the structure of the control images (ControlNet); with --weights, a blend."""
     from blipdiff.models.generation import GenerateConfig, generate_images
-    from pydantic import ValidationError
 
-    try:
-        config = GenerateConfig(
-            model=model, images=image or [], subject_checkpoint=subject_checkpoint, subject=subject,
-            target_subject=target_subject, prompts=prompt, out=out,
-            negative_prompt=negative_prompt, steps=steps, guidance=guidance, seed=seed, num_images=num_images,
-            height=height, width=width, scheduler=scheduler, dtype=dtype, device=device,
-            image_subjects=image_subject or [], weights=_numbers(weights, "--weights"), controls=control or [],
-            control_types=control_type or ["image"], controlnets=controlnet or [], control_scales=control_scale or [1.0],
-            method=method)
-    except ValidationError as error:
-        raise _fail("; ".join(_validation_messages(error))) from error
+    config = _config(GenerateConfig, model=model, images=image or [], subject_checkpoint=subject_checkpoint,
+                                     subject=subject, target_subject=target_subject, prompts=prompt, out=out,
+                                     negative_prompt=negative_prompt, steps=steps, guidance=guidance, seed=seed,
+                                     num_images=num_images, height=height, width=width, scheduler=scheduler,
+                                     dtype=dtype, device=device, image_subjects=image_subject or [],
+                                     weights=_numbers(weights, "--weights"), controls=control or [],
+                                     control_types=control_type or ["image"], controlnets=controlnet or [],
+                                     control_scales=control_scale or [1.0], method=method)
     try:
         manifest = generate_images(config, log=typer.echo)
     except (ValueError, OSError) as error:  # CheckpointError is a ValueError
@@ -312,16 +308,13 @@ def edit_command(
 ) -> None:
     """Subject-driven editing: the subject in place of a word's region of a picture, the rest kept."""
     from blipdiff.models.editing import EditConfig, edit_picture
-    from pydantic import ValidationError
 
-    try:
-        config = EditConfig(
-            model=model, source_prompt=source_prompt, source_image=source_image, edit_token=edit_token, images=image,
-            weights=_numbers(weights, "--weights"), subject=subject, prompt=prompt, out=out,
-            negative_prompt=negative_prompt, steps=steps, guidance=guidance, seed=seed, height=height, width=width,
-            cross_replace_steps=cross_replace_steps, mask_threshold=mask_threshold, dtype=dtype, device=device)
-    except ValidationError as error:
-        raise _fail("; ".join(_validation_messages(error))) from error
+    config = _config(EditConfig, model=model, source_prompt=source_prompt, source_image=source_image,
+                                 edit_token=edit_token, images=image, weights=_numbers(weights, "--weights"),
+                                 subject=subject, prompt=prompt, out=out, negative_prompt=negative_prompt, steps=steps,
+                                 guidance=guidance, seed=seed, height=height, width=width,
+                                 cross_replace_steps=cross_replace_steps, mask_threshold=mask_threshold, dtype=dtype,
+                                 device=device)
     try:
         folder = edit_picture(config, log=typer.echo)
     except (ValueError, OSError) as error:
@@ -351,20 +344,27 @@ def interpolate_command(
 ) -> None:
     """Subject interpolation: a grid of the blends of 2 or 4 subjects' embeddings, at one seed."""
     from blipdiff.models.interpolation import InterpolateConfig, interpolate
-    from pydantic import ValidationError
 
-    try:
-        config = InterpolateConfig(
-            model=model, images=image, subjects=subject, target_subject=target_subject or (subject or [""])[0],
-            prompt=prompt, out=out, steps=steps, negative_prompt=negative_prompt, denoising_steps=denoising_steps,
-            guidance=guidance, seed=seed, height=height, width=width, scheduler=scheduler, dtype=dtype, device=device)
-    except ValidationError as error:
-        raise _fail("; ".join(_validation_messages(error))) from error
+    config = _config(InterpolateConfig, model=model, images=image, subjects=subject,
+                                        target_subject=target_subject or subject[0], prompt=prompt, out=out, steps=steps,
+                                        negative_prompt=negative_prompt, denoising_steps=denoising_steps,
+                                        guidance=guidance, seed=seed, height=height, width=width, scheduler=scheduler,
+                                        dtype=dtype, device=device)
     try:
         grid = interpolate(config, log=typer.echo)
     except (ValueError, OSError) as error:
         raise _fail(str(error)) from error
     typer.echo(f"grid -> {grid}")
+
+
+def _config(config_class, /, **fields):
+    """The command's configuration model, its validation errors as one line of 'field: message's."""
+    from pydantic import ValidationError
+
+    try:
+        return config_class(**fields)
+    except ValidationError as error:
+        raise _fail("; ".join(_validation_messages(error))) from error
 
 
 def _validation_messages(error) -> list[str]:
@@ -391,14 +391,10 @@ def finetune_command(
 ) -> None:
     """Fine-tune BLIP-Diffusion to one subject in a few steps (LAVIS's recipe): a subject checkpoint."""
     from blipdiff.models.training.finetune import FinetuneConfig
-    from pydantic import ValidationError
 
-    try:
-        config = FinetuneConfig(model=model, images=images, subject=subject, out=out, steps=steps, lr=lr,
-                                batch_size=batch_size, mode=mode, lora_rank=lora_rank, precision=precision,
-                                resolution=resolution, seed=seed, device=device)
-    except ValidationError as error:
-        raise _fail("; ".join(_validation_messages(error))) from error
+    config = _config(FinetuneConfig, model=model, images=images, subject=subject, out=out, steps=steps, lr=lr,
+                                     batch_size=batch_size, mode=mode, lora_rank=lora_rank, precision=precision,
+                                     resolution=resolution, seed=seed, device=device)
     from blipdiff.models.training.finetune import finetune
 
     try:
@@ -434,20 +430,14 @@ def dreambooth_command(
     checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints (a rerun resumes).")] = 100,
 ) -> None:
     """DreamBooth on Stable Diffusion, the paper's baseline: a subject checkpoint for prompts with the identifier."""
-    from blipdiff.models.training.dreambooth import DreamBoothConfig
-    from pydantic import ValidationError
+    from blipdiff.models.training.dreambooth import DreamBoothConfig, run_dreambooth
 
-    try:
-        config = DreamBoothConfig(
-            base=base, images=images, class_noun=class_noun, out=out, identifier=identifier, steps=steps, lr=lr,
-            batch_size=batch_size, prior_preservation=prior_preservation, num_class_images=num_class_images,
-            prior_loss_weight=prior_loss_weight, train_text_encoder=train_text_encoder, mode=mode, lora_rank=lora_rank,
-            precision=precision, resolution=resolution, seed=seed, class_images=class_images, workers=workers,
-            checkpoint_every=checkpoint_every)
-    except ValidationError as error:
-        raise _fail("; ".join(_validation_messages(error))) from error
-    from blipdiff.models.training.dreambooth import run_dreambooth
-
+    config = _config(DreamBoothConfig, base=base, images=images, class_noun=class_noun, out=out, identifier=identifier,
+                                       steps=steps, lr=lr, batch_size=batch_size, prior_preservation=prior_preservation,
+                                       num_class_images=num_class_images, prior_loss_weight=prior_loss_weight,
+                                       train_text_encoder=train_text_encoder, mode=mode, lora_rank=lora_rank,
+                                       precision=precision, resolution=resolution, seed=seed, class_images=class_images,
+                                       workers=workers, checkpoint_every=checkpoint_every)
     try:
         run_dreambooth(config, log=typer.echo)
     except (ValueError, OSError) as error:  # CheckpointError is a ValueError
@@ -467,13 +457,9 @@ def encode_latents_command(
 ) -> None:
     """Encode every pair's target photo once with the VAE: the cache pre-training reads (a rerun skips what is done)."""
     from blipdiff.datasets.latents import EncodeLatentsConfig, encode_latents
-    from pydantic import ValidationError
 
-    try:
-        config = EncodeLatentsConfig(pairs=pairs, model=model, resolution=resolution, batch_size=batch_size,
-                                     actors=actors, gpus_per_actor=gpus_per_actor)
-    except ValidationError as error:
-        raise _fail("; ".join(_validation_messages(error))) from error
+    config = _config(EncodeLatentsConfig, pairs=pairs, model=model, resolution=resolution, batch_size=batch_size,
+                                          actors=actors, gpus_per_actor=gpus_per_actor)
     from blipdiff.infra.report import run_with_progress
 
     try:
@@ -512,18 +498,15 @@ def pretrain_command(
 ) -> None:
     """Stage-2 pre-training of BLIP-Diffusion on built pairs, on Ray Train; rerun to resume."""
     from blipdiff.models.training.pretrain import PretrainConfig
-    from pydantic import ValidationError
 
-    try:
-        config = PretrainConfig(
-            pairs=pairs, init=init, out=out, reset_from_sd=reset_from_sd, steps=steps, batch_size=batch_size,
-            grad_accum=grad_accum, workers=workers, gpus_per_worker=gpus_per_worker, lr=lr, weight_decay=weight_decay,
-            max_grad_norm=max_grad_norm, resolution=resolution, precision=precision,
-            gradient_checkpointing=gradient_checkpointing, subject_dropout=subject_dropout,
-            checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints, validate_every=validate_every,
-            validation_pairs=validation_pairs, validation_steps=validation_steps, log_every=log_every, seed=seed)
-    except ValidationError as error:
-        raise _fail("; ".join(_validation_messages(error))) from error
+    config = _config(PretrainConfig, pairs=pairs, init=init, out=out, reset_from_sd=reset_from_sd, steps=steps,
+                                     batch_size=batch_size, grad_accum=grad_accum, workers=workers,
+                                     gpus_per_worker=gpus_per_worker, lr=lr, weight_decay=weight_decay,
+                                     max_grad_norm=max_grad_norm, resolution=resolution, precision=precision,
+                                     gradient_checkpointing=gradient_checkpointing, subject_dropout=subject_dropout,
+                                     checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
+                                     validate_every=validate_every, validation_pairs=validation_pairs,
+                                     validation_steps=validation_steps, log_every=log_every, seed=seed)
     from blipdiff.infra.report import training_progress
     from blipdiff.models.training.distributed import run_pretrain
 
@@ -550,13 +533,9 @@ def score_command(
 ) -> None:
     """DreamBench's DINO, CLIP-I and CLIP-T for images made by any method, or the real-photo oracle."""
     from blipdiff.models.scoring import ScoreConfig, run_score
-    from pydantic import ValidationError
 
-    try:
-        config = ScoreConfig(dreambench=dreambench, out=out, images=images, oracle=oracle, dino=dino, clip=clip,
-                             batch_size=batch_size, device=device)
-    except ValidationError as error:
-        raise _fail("; ".join(_validation_messages(error))) from error
+    config = _config(ScoreConfig, dreambench=dreambench, out=out, images=images, oracle=oracle, dino=dino, clip=clip,
+                                  batch_size=batch_size, device=device)
     try:
         summary = run_score(config, log=typer.echo)
     except (ValueError, OSError) as error:  # DreamBenchError is a ValueError
@@ -607,21 +586,18 @@ def eval_command(
     """Evaluate a model on DreamBench by the paper's protocol: generate, score, report and catalogue. With
     --method dreambooth, DreamBooth on --base, by the same protocol and metrics."""
     from blipdiff.models.evaluation import EvalConfig
-    from pydantic import ValidationError
 
     if (method == "dreambooth") != (base is not None) or (model is None) == (base is None):
         raise _fail("give --model (BLIP-Diffusion), or --method dreambooth with --base")
-    try:
-        config = EvalConfig(
-            model=model or base, method=method, dreambooth_steps=dreambooth_steps, dreambooth_lr=dreambooth_lr,
-            prior_preservation=prior_preservation, num_class_images=num_class_images, identifier=identifier,
-            dreambench=dreambench, out=out, mode=mode, subjects=subjects.split(",") if subjects else [],
-            prompts=prompts, images_per_prompt=images_per_prompt, steps=steps, guidance=guidance, seed_sets=seed_sets,
-            reference=reference, resolution=resolution, negative_prompt=negative_prompt, finetune_steps=finetune_steps,
-            finetune_mode=finetune_mode, finetune_precision=finetune_precision, dtype=dtype, dino=dino, clip=clip,
-            dataset=dataset, actors=actors)
-    except ValidationError as error:
-        raise _fail("; ".join(_validation_messages(error))) from error
+    config = _config(EvalConfig, model=model or base, method=method, dreambooth_steps=dreambooth_steps,
+                                 dreambooth_lr=dreambooth_lr, prior_preservation=prior_preservation,
+                                 num_class_images=num_class_images, identifier=identifier, dreambench=dreambench,
+                                 out=out, mode=mode, subjects=subjects.split(",") if subjects else [], prompts=prompts,
+                                 images_per_prompt=images_per_prompt, steps=steps, guidance=guidance,
+                                 seed_sets=seed_sets, reference=reference, resolution=resolution,
+                                 negative_prompt=negative_prompt, finetune_steps=finetune_steps,
+                                 finetune_mode=finetune_mode, finetune_precision=finetune_precision, dtype=dtype,
+                                 dino=dino, clip=clip, dataset=dataset, actors=actors)
     from blipdiff.infra.report import run_with_progress
     from blipdiff.models.evaluation import check_run_folder, plan, run_eval
 

@@ -104,7 +104,8 @@ def main() -> None:
              "--prompt", "on the beach", "--steps", "5", "--out", work / "interpolate", "--height", size, "--width",
              size, "--denoising-steps", "20")
     cells = sorted((work / "interpolate").glob("cell-*.png"))
-    figure([("dog", Image.open(dog)), *((f"{1 - i / 4:.2f} dog", Image.open(cell)) for i, cell in enumerate(cells)),
+    figure([("dog", Image.open(dog)), *((f"{1 - i / (len(cells) - 1):.2f} dog", Image.open(cell))
+                                        for i, cell in enumerate(cells)),
             ("cat", Image.open(cat))], "blipdiff interpolate (one seed, weights 1 to 0)", IMAGES / "interpolate.png",
            args.size)
 

@@ -19,7 +19,6 @@ from blipdiff.models.random_models import (  # noqa: F401  (re-exported for the 
     save_tiny_controlnet,
     save_tiny_dino,
     subject_tokenizer,
-    tiny_controlnet,
 )
 
 
