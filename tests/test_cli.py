@@ -38,6 +38,14 @@ def test_help_lists_the_commands_without_importing_heavy_libraries():
     assert imported.stdout.strip() == "[]"
 
 
+def test_eval_takes_a_model_or_a_dreambooth_base_not_both_nor_neither(tmp_path):
+    for args in ([], ["--method", "dreambooth", "--model", "m"], ["--model", "m", "--base", "b"],
+                 ["--method", "dreambooth", "--model", "m", "--base", "b"]):
+        done = blipdiff("eval", "--out", str(tmp_path / "run"), "--dreambench", str(tmp_path / "bench"), *args)
+        assert done.returncode == 2 and "give --model (BLIP-Diffusion), or --method dreambooth with --base" in done.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def test_filter_writes_subjects_and_funnel_and_a_rerun_replaces_them(tmp_path):
     boxes = shared_path("openimages", "format_samples", "v3_val_test_annotations-human-bbox_sample.csv")
     classes = shared_path("openimages", "class-descriptions-boxable.csv")

@@ -119,6 +119,13 @@ def test_class_images_are_generated_once_and_shared_by_the_runs_of_a_class(full_
         assert image.size == (SIZE, SIZE)
 
 
+def test_the_class_images_take_part_in_training(full_run, base, photos, class_cache, tmp_path):
+    # The same run without prior preservation ends elsewhere: the class images reached the workers' batches.
+    alone = run_dreambooth(config(base, photos, tmp_path / "no-prior", class_cache, steps=4, prior_preservation=False))
+    with_prior, without = load_file(full_run / "unet" / "model.safetensors"), load_file(alone / "unet" / "model.safetensors")
+    assert max((with_prior[key] - without[key]).abs().max().item() for key in with_prior) > 1e-6
+
+
 def test_full_and_lora_checkpoints_change_the_generations(full_run, base, photos, class_cache, tmp_path):
     record = json.loads((full_run / "dreambooth.json").read_text())
     assert record["identifier"] == "sks" and record["prompt"] == "a sks dog" and len(record["losses"]) == 4
