@@ -211,6 +211,13 @@ def test_an_invalid_box_still_counts_towards_its_class_in_the_image(write_boxes,
     assert result.funnel.removed["invalid"] == 1 and result.funnel.removed["group"] == 1
 
 
+def test_a_box_beside_an_invalid_one_of_its_class_is_counted_under_group_not_its_own_rule(write_boxes, class_file):
+    rows = [box(image(1), CAT, 0.0, 0.05, 0.0, 0.05), box(image(1), CAT, 0.9, 0.1),  # too small; corrupt
+            box(image(2), DOG, 0.0, 0.05, 0.0, 0.05)]                                # too small, alone
+    removed = run(write_boxes, class_file, rows).funnel.removed
+    assert (removed["invalid"], removed["group"], removed["area"]) == (1, 1, 1)
+
+
 def test_a_human_box_with_a_bad_image_id_removes_no_other_image(write_boxes, class_file):
     # The bad id is no image at all: it must not make every other image look human (a NULL in an IN list).
     rows = [box("not-an-image-id!", PERSON), box(image(1), CAT), box(image(2), DOG)]

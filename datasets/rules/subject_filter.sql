@@ -2,14 +2,13 @@
 -- A box's code is the first rule that removes it: 0 missing value, 1 unknown class, 2 coordinate out of
 -- range, 3 empty box, 4 group-of, 5 inside, 6 aspect, 7 area; 8 passed; 9 a malformed line. Boxes are grouped
 -- by (image, class): the group rule needs a class's count of boxes in an image (invalid ones too), and only a
--- pair of one box can hold a subject. A bad image id (NULL) comes before every other check.
+-- pair of one box can hold a subject. Invalid boxes get groups of their own (by "bad", their code), which tally
+-- them at no cost to the valid ones' groups; "crowded" joins them back. A bad image id (NULL) comes first.
 CREATE TEMP TABLE pairs AS
-SELECT image, enum_code(class) AS idx, count(*)::UINTEGER AS n, min(code) AS code,
-    count(*) FILTER (code = 0)::UINTEGER AS t0, count(*) FILTER (code = 1)::UINTEGER AS t1,
-    count(*) FILTER (code = 2)::UINTEGER AS t2, count(*) FILTER (code = 3)::UINTEGER AS t3,
-    count(*) FILTER (code = 9)::UINTEGER AS t9,
+SELECT image, enum_code(class) AS idx, bad, count(*)::UINTEGER AS n, min(code) AS code,
     any_value(x_min) AS x_min, any_value(x_max) AS x_max, any_value(y_min) AS y_min, any_value(y_max) AS y_max
 FROM (
+    SELECT *, CASE WHEN code IN (0, 1, 2, 3, 9) THEN code END AS bad FROM (
     SELECT *, CASE
         WHEN malformed THEN 9
         WHEN isnan(x_min) IS NOT FALSE OR isnan(x_max) IS NOT FALSE OR isnan(y_min) IS NOT FALSE
@@ -29,14 +28,17 @@ FROM (
                         THEN CAST('0x' || id AS UBIGINT) END AS image,
                 malformed, label, TRY_CAST(trim(label) AS class_mid) AS class, {numbers}
             FROM (SELECT CAST(ImageID AS VARCHAR) AS id, CAST(LabelName AS VARCHAR) AS label,
-                         {malformed} AS malformed, * FROM {source}))))
-GROUP BY image, class;
+                         {malformed} AS malformed, * FROM {source})))))
+GROUP BY image, class, bad;
 
--- The pairs of one box that pass every rule up to "human", with what removes them after.
+-- The (image, class) pairs that also hold invalid boxes: their valid boxes are never alone in their class.
+CREATE TEMP TABLE crowded AS SELECT DISTINCT image, idx FROM pairs WHERE bad < 4 AND image IS NOT NULL;
+
+-- The pairs of one box (no invalid box beside it) that pass every rule up to "human", with what removes them after.
 CREATE TEMP TABLE passed AS
 SELECT *, idx IN ({cluttered}) AS cluttered,
     image IN (SELECT image FROM pairs WHERE idx IN ({human}) AND image IS NOT NULL) AS human
-FROM pairs WHERE n = 1 AND code = 8 AND image IS NOT NULL;
+FROM pairs ANTI JOIN crowded USING (image, idx) WHERE n = 1 AND code = 8 AND bad IS NULL AND image IS NOT NULL;
 
 -- One subject per image: the largest key, which is the area's IEEE bits (they order like the area, areas
 -- being positive), then the smallest class index (MID order) on a tie: integers, because structs are slow.
@@ -53,21 +55,26 @@ FROM (
 JOIN classes USING (idx);
 
 -- The funnel: the boxes each rule removed, each under the first rule that removes it. A box past "invalid" is
--- group-of or in a pair of several unless it is a pair of one box past "group".
+-- group-of or in a pair of several unless it is a pair of one box past "group" (and not crowded).
 CREATE TEMP TABLE totals AS
 SELECT rows, images, malformed_line, bad_image_id, missing_value, unknown_class, coordinate_out_of_range, empty_box,
     valid - inside - aspect - area - human - cluttered - candidates AS "group", inside, aspect, area, human, cluttered,
     candidates - (SELECT count(*) FROM subjects) AS one_per_image
-FROM (
-    SELECT sum(n) AS rows, count(DISTINCT image) AS images, sum(t9) AS malformed_line,
-        sum(n - t9) FILTER (image IS NULL) AS bad_image_id,
-        sum(t0) FILTER (image IS NOT NULL) AS missing_value, sum(t1) FILTER (image IS NOT NULL) AS unknown_class,
-        sum(t2) FILTER (image IS NOT NULL) AS coordinate_out_of_range,
-        sum(t3) FILTER (image IS NOT NULL) AS empty_box,
-        sum(n - t0 - t1 - t2 - t3) FILTER (image IS NOT NULL) AS valid,
-        count(*) FILTER (image IS NOT NULL AND n = 1 AND code = 5) AS inside,
-        count(*) FILTER (image IS NOT NULL AND n = 1 AND code = 6) AS aspect,
-        count(*) FILTER (image IS NOT NULL AND n = 1 AND code = 7) AS area
+FROM (SELECT *, all_inside - crowded_inside AS inside, all_aspect - crowded_aspect AS aspect,
+    all_area - crowded_area AS area FROM (
+    SELECT sum(n) AS rows, count(DISTINCT image) AS images, sum(n) FILTER (bad = 9) AS malformed_line,
+        sum(n) FILTER (image IS NULL AND bad IS DISTINCT FROM 9) AS bad_image_id,
+        sum(n) FILTER (image IS NOT NULL AND bad = 0) AS missing_value,
+        sum(n) FILTER (image IS NOT NULL AND bad = 1) AS unknown_class,
+        sum(n) FILTER (image IS NOT NULL AND bad = 2) AS coordinate_out_of_range,
+        sum(n) FILTER (image IS NOT NULL AND bad = 3) AS empty_box,
+        sum(n) FILTER (image IS NOT NULL AND bad IS NULL) AS valid,
+        count(*) FILTER (image IS NOT NULL AND bad IS NULL AND n = 1 AND code = 5) AS all_inside,
+        count(*) FILTER (image IS NOT NULL AND bad IS NULL AND n = 1 AND code = 6) AS all_aspect,
+        count(*) FILTER (image IS NOT NULL AND bad IS NULL AND n = 1 AND code = 7) AS all_area
     FROM pairs),
+    (SELECT count(*) FILTER (code = 5) AS crowded_inside, count(*) FILTER (code = 6) AS crowded_aspect,
+        count(*) FILTER (code = 7) AS crowded_area
+     FROM pairs SEMI JOIN crowded USING (image, idx) WHERE n = 1 AND bad IS NULL),
     (SELECT count(*) FILTER (human) AS human, count(*) FILTER (NOT human AND cluttered) AS cluttered,
-        count(*) FILTER (NOT human AND NOT cluttered) AS candidates FROM passed);
+        count(*) FILTER (NOT human AND NOT cluttered) AS candidates FROM passed));
