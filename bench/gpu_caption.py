@@ -86,12 +86,12 @@ def resolve(device_name: str, dtype_name: str | None) -> tuple[torch.device, tor
     """The device, and the dtype: as given, else float16 on CUDA and float32 on the CPU."""
     import torch
 
-    from blipdiff.models.captioners import resolve_device, resolve_dtype
+    from blipdiff.models.devices import torch_dtype
 
-    device = resolve_device(device_name)
+    device = torch.device(device_name)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("CUDA is not available here: pass --device cpu (with --tiny for a quick smoke run)")
-    return device, resolve_dtype(dtype_name, device)
+    return device, torch_dtype(dtype_name, device)
 
 
 def measure(run: Callable[[list[np.ndarray], list[str]], Any], images: Sequence[np.ndarray],

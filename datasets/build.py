@@ -42,6 +42,7 @@ from blipdiff.infra.atomic import atomic_path, remove_stale_temporaries, write_j
 from blipdiff.infra.journal import JOURNAL_NAME, Journal
 from blipdiff.infra.ray_cluster import connect_ray
 from blipdiff.models import DEFAULT_BLIP2, DEFAULT_CLIPSEG
+from blipdiff.models.devices import AUTO, DEVICE_HELP
 from pydantic import BaseModel, ConfigDict, Field
 
 STAGES = ("decode", "caption", "segment", "trimap", "matte", "composite")
@@ -85,7 +86,7 @@ class BuildConfig(BaseModel):
     keep_captions: int = Field(default=5, ge=1)
     segmenter: Literal["grabcut", "clipseg"] = "grabcut"
     segment_model: str = Field(default=DEFAULT_CLIPSEG, description="CLIPSeg hub id or folder")
-    device: str | None = Field(default=None, description="model device; default cuda when available")
+    device: str = Field(AUTO, description=DEVICE_HELP)
     model_batch_size: int = Field(default=8, ge=1, description="images per model call")
     actors: int = Field(default=1, ge=1, description="actors per model stage")
     gpus_per_actor: float = Field(default=0.0, ge=0)

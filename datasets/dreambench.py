@@ -2,12 +2,18 @@
 subject and ``prompts_and_classes.txt`` (subject → class, then the 25 object prompts and the 25 live-subject
 prompts as Python ``'a {0} {1} ...'.format(unique_token, class_token)`` lines).
 
-Each prompt is kept three ways: its DreamBench ``text`` with the identifier removed and the class noun kept
-("a dog in the jungle", "a red backpack"; what CLIP-T compares with), its ``kind`` (re-contextualisation,
+Each prompt is kept with its DreamBench ``text``, the identifier removed and the class noun kept ("a dog in
+the jungle", "a red backpack"; what CLIP-T compares with), its ``kind`` (re-contextualisation,
 accessorisation or property, by its place in the list as the DreamBooth paper orders them: objects 20 + 5,
-live subjects 10 + 10 + 5), and the ``context`` the BLIP-Diffusion pipeline takes: for a "a {V} {class} ..."
-prompt the words after the class ("in the jungle"), the pipeline writing "a {class}" before them; for a
-property prompt ("a red {V} {class}"), which that template cannot express, the whole caption.
+live subjects 10 + 10 + 5), and the exact texts each method's text encoder is given:
+
+- BLIP-Diffusion (``blip_diffusion_text``), the authors' evaluation code's form for a "a {V} {class} ..."
+  prompt: ``"a {class} " + ", ".join([words after the class] * 15)`` ("a dog in the jungle, in the jungle,
+  ..."), the subject embeddings inserted after "a". A property prompt ("a red {V} {class}") has no words
+  after the class, and the authors' form for it is not known: it gets the released pipeline's own template
+  with the attribute in the target, "a {target}" = "a red backpack", repeated as the authors repeat (15,
+  joined by ", "), so the subject embeddings go in after "a" as for every other prompt.
+- DreamBooth (``dreambooth_text``): DreamBench's prompt with the identifier ("a red sks backpack").
 """
 
 from __future__ import annotations
@@ -23,6 +29,12 @@ LIVE_CLASSES = frozenset({"cat", "dog"})
 PROMPTS_PER_LIST = 25
 _TEMPLATE = re.compile(r"^'(?P<template>[^']*\{0\}[^']*\{1\}[^']*)'\.format\(unique_token, class_token\),?$")
 _CONTEXT_PREFIX = "a {0} {1} "
+# The authors' DreamBench evaluation repeats the words after the class 15 times (the 61-token truncation
+# keeps them all for most prompts).
+AUTHORS_PROMPT_REPS = 15
+# Names the texts given to the text encoders below; part of an evaluation's fingerprint, so a change of form
+# is never compared with runs made before it.
+PROMPT_FORM = "authors-15"
 # Fine-tuning steps per subject, the BLIP-Diffusion paper's appendix Table 3.
 FINETUNE_STEPS = {
     "backpack": 110, "backpack_dog": 110, "bear_plushie": 110, "berry_bowl": 40, "can": 70, "candle": 80, "cat": 40,
@@ -42,7 +54,12 @@ class Prompt:
     template: str  # DreamBench's, with {0} the identifier and {1} the class
     kind: str  # recontextualization, accessorization or property
     text: str  # identifier removed, class kept: CLIP-T's text
-    context: str  # what the pipeline's prompt argument gets
+    blip_diffusion_text: str  # the exact text BLIP-Diffusion's text encoder gets
+    class_name: str
+
+    def dreambooth_text(self, identifier: str) -> str:
+        """The exact text DreamBooth's text encoder gets: the prompt naming the subject by its identifier."""
+        return self.template.format(identifier, self.class_name)
 
 
 @dataclass(frozen=True)
@@ -81,8 +98,12 @@ class DreamBench:
             else:
                 kind = "recontextualization"
             text = template.replace("{0} ", "").format(None, subject.class_name)
-            context = template.removeprefix(_CONTEXT_PREFIX) if kind != "property" else text
-            prompts.append(Prompt(index, template, kind, text, context))
+            if kind == "property":
+                model_text = ", ".join([text] * AUTHORS_PROMPT_REPS)
+            else:
+                words = template.removeprefix(_CONTEXT_PREFIX)
+                model_text = f"a {subject.class_name} " + ", ".join([words] * AUTHORS_PROMPT_REPS)
+            prompts.append(Prompt(index, template, kind, text, model_text, subject.class_name))
         return prompts
 
 

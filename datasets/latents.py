@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from blipdiff.infra.atomic import atomic_path, remove_stale_temporaries, write_json_atomic
 from blipdiff.models.inputs import BuildFolder, ImageSide, model_location
+from blipdiff.models.devices import resolve_device
 
 LATENTS_FOLDER = "latents"
 MANIFEST = "latents.parquet"
@@ -108,7 +109,7 @@ class LatentEncoder:
     def __init__(self, model: str, pairs: str, folder: str, resolution: int):
         import torch
 
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = resolve_device()
         self.vae = load_vae(model, self.device)
         self.pairs, self.folder, self.resolution = Path(pairs), Path(folder), resolution
 

@@ -10,8 +10,8 @@ Two captioners share one interface (``caption(images, labels) -> list[Captions]`
   CLIP model is given, and keeps up to ``keep`` of them that name the subject's class.
 
 torch and transformers are imported inside the classes that need them, so the command line can import
-this module (and the template captioner) cheaply. The device and input helpers here are shared with
-``blipdiff.models.clipseg``.
+this module (and the template captioner) cheaply. The input helpers here are shared with
+``blipdiff.models.clipseg``; the device and dtype follow ``blipdiff.models.devices``.
 """
 
 from __future__ import annotations
@@ -23,13 +23,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 from blipdiff.models import DEFAULT_BLIP2
+from blipdiff.models.devices import resolve_device, torch_dtype
 
 if TYPE_CHECKING:
     import torch
     from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
 DEFAULT_TEMPLATE = "a photo of a {label}"
-DTYPES = ("float16", "bfloat16", "float32")
 
 
 @dataclass(frozen=True)
@@ -68,29 +68,6 @@ def check_labels(labels: Sequence[str]) -> None:
     for index, label in enumerate(labels):
         if not isinstance(label, str) or not re.search(r"\w", label):
             raise ValueError(f"label {index} is not a class name: {label!r}")
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """The given device, or CUDA when it is available and the CPU otherwise."""
-    import torch
-
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """The given floating-point type (a torch dtype or its name), or float16 on CUDA and float32
-    elsewhere (CPU kernels for half precision are slow or missing)."""
-    import torch
-
-    if dtype is None:
-        return torch.float16 if device.type == "cuda" else torch.float32
-    if isinstance(dtype, torch.dtype):
-        dtype = str(dtype).removeprefix("torch.")
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
-    return getattr(torch, dtype)
 
 
 def label_words(label: str) -> list[str]:
@@ -174,10 +151,11 @@ class ClipRanker:
 
     def __init__(self, model: str, *, device: str | torch.device | None = None,
                  dtype: str | torch.dtype | None = None) -> None:
+        import torch
         from transformers import CLIPModel, CLIPProcessor
 
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
+        self.device = torch.device(resolve_device(device))
+        self.dtype = torch_dtype(dtype, self.device)
         self.network = CLIPModel.from_pretrained(model, dtype=self.dtype).to(self.device).eval()
         self.processor = CLIPProcessor.from_pretrained(model)
 
@@ -248,6 +226,7 @@ class Blip2Captioner:
         clip_model: str | None = None,
         seed: int = 0,
     ) -> None:
+        import torch
         from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
         # Options first: a bad one should fail before a multi-gigabyte load, not after.
@@ -255,8 +234,8 @@ class Blip2Captioner:
                                num_beams=num_beams, num_captions=num_captions, top_p=top_p,
                                min_length=min_length, keep=keep, seed=seed)
         _check_ranking(options, ranking=clip_model is not None)
-        resolved_device = resolve_device(device)
-        resolved_dtype = resolve_dtype(dtype, resolved_device)
+        resolved_device = torch.device(resolve_device(device))
+        resolved_dtype = torch_dtype(dtype, resolved_device)
         network = Blip2ForConditionalGeneration.from_pretrained(model, dtype=resolved_dtype)
         processor = Blip2Processor.from_pretrained(model)
         ranker = None

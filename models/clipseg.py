@@ -11,12 +11,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from blipdiff.models import DEFAULT_CLIPSEG
-from blipdiff.models.captioners import (
-    check_images,
-    check_labels,
-    resolve_device,
-    resolve_dtype,
-)
+from blipdiff.models.captioners import check_images, check_labels
+from blipdiff.models.devices import resolve_device, torch_dtype
 
 if TYPE_CHECKING:
     from transformers import CLIPSegForImageSegmentation, CLIPSegProcessor
@@ -38,8 +34,10 @@ class ClipSegSegmenter:
 
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        resolved_device = resolve_device(device)
-        resolved_dtype = resolve_dtype(dtype, resolved_device)
+        import torch
+
+        resolved_device = torch.device(resolve_device(device))
+        resolved_dtype = torch_dtype(dtype, resolved_device)
         network = CLIPSegForImageSegmentation.from_pretrained(model, dtype=resolved_dtype)
         self._bind(network.to(resolved_device), CLIPSegProcessor.from_pretrained(model), batch_size)
 

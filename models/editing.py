@@ -9,12 +9,12 @@ settings finishes what is missing, and a folder holding another edit is refused.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from blipdiff.infra.atomic import atomic_path, remove_stale_temporaries, write_json_atomic
-from blipdiff.models.generation import check_blend, check_device, check_run_folder
+from blipdiff.models.devices import AUTO, DEVICE_HELP, DTYPE_HELP, DType, resolve_placement
+from blipdiff.models.generation import check_blend, check_run_folder
 from blipdiff.models.inputs import ImageSide, SubjectText, model_location, readable_image
 
 SETTINGS_FILE = "edit.json"
@@ -49,8 +49,8 @@ class EditConfig(BaseModel):
                                        description="Share of the steps that keep the source's attention maps.")
     mask_threshold: float = Field(MASK_THRESHOLD, ge=0, lt=1,
                                   description="Share of its peak above which an attention map marks the region.")
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    device: str = "cpu"
+    dtype: DType = Field(AUTO, description=DTYPE_HELP)
+    device: str = Field(AUTO, description=DEVICE_HELP)
 
     @model_validator(mode="after")
     def _inputs(self) -> EditConfig:
@@ -78,6 +78,7 @@ class EditConfig(BaseModel):
 
 def edit_picture(config: EditConfig, log=print) -> Path:
     """Make the edit's PNGs unless they are all there; returns the output folder."""
+    config = resolve_placement(config)
     settings = config.settings()
     check_run_folder(config.out, settings, "edit", SETTINGS_FILE)
     if all((config.out / name).is_file() for name in OUTPUTS):
@@ -87,7 +88,6 @@ def edit_picture(config: EditConfig, log=print) -> Path:
 
     from blipdiff.models.blip_diffusion import BlipDiffusionPipeline
 
-    check_device(config.device)
     pipe = BlipDiffusionPipeline.from_pretrained(config.model, torch_dtype=getattr(torch, config.dtype),
                                                  device=config.device, load_controlnet=False)
     pipe.set_progress_bar_config(disable=True)

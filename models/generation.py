@@ -18,6 +18,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from blipdiff.infra.atomic import atomic_path, remove_stale_temporaries, write_json_atomic
+from blipdiff.models.devices import AUTO, DEVICE_HELP, DTYPE_HELP, DType, resolve_placement
 from blipdiff.models.inputs import ImageSide, SubjectText, model_location, readable_image
 
 SCHEDULERS = {"pndm": "PNDMScheduler", "ddim": "DDIMScheduler", "dpm": "DPMSolverMultistepScheduler"}
@@ -26,8 +27,8 @@ MANIFEST = "generations.parquet"
 
 
 class GenerateConfig(BaseModel):
-    """One ``blipdiff generate`` run. Defaults are the Python API's: empty negative prompt, PNDM,
-    50 steps, guidance 7.5, 512², float32 on the CPU."""
+    """One ``blipdiff generate`` run. Defaults are the Python API's (empty negative prompt, PNDM, 50 steps,
+    guidance 7.5, 512²), on the GPU in float16 when there is one, else on the CPU in float32."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -51,8 +52,8 @@ class GenerateConfig(BaseModel):
     height: ImageSide = 512
     width: ImageSide = 512
     scheduler: Literal["pndm", "ddim", "dpm"] = "pndm"
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    device: str = "cpu"
+    dtype: DType = Field(AUTO, description=DTYPE_HELP)
+    device: str = Field(AUTO, description=DEVICE_HELP)
     controls: list[Path] = Field(default_factory=list, description="Control images (edges, depth, ...), one per ControlNet.")
     control_types: list[Literal["canny", "image"]] = Field(
         default_factory=lambda: ["image"], description="canny: edges computed from the control image; image: as given. "
@@ -141,31 +142,13 @@ def check_run_folder(out: Path, settings: dict, what: str, run_file: str = RUN_F
         raise ValueError(f"{out} is not empty and holds no {what} run; choose another --out")
 
 
-def check_device(name: str) -> None:
-    import torch
-
-    try:
-        device = torch.device(name)
-    except RuntimeError as error:
-        raise ValueError(f"--device {name}: not a torch device ({error})") from error
-    if device.type == "cpu":
-        return
-    backend = getattr(torch, device.type, None)
-    if backend is None or not hasattr(backend, "device_count"):
-        raise ValueError(f"--device {name}: blipdiff runs on cpu, cuda, xpu or mps devices")
-    count = backend.device_count() if backend.is_available() else 0
-    if count == 0:
-        raise ValueError(f"--device {name}: this torch build or machine has no {device.type} device")
-    if device.index is not None and device.index >= count:
-        raise ValueError(f"--device {name}: this machine has {count} {device.type} device(s), numbered from 0")
-
-
 def image_name(prompt_index: int, image_index: int) -> str:
     return f"p{prompt_index:03d}_i{image_index:02d}.png"
 
 
 def generate_images(config: GenerateConfig, log=print) -> Path:
     """Generate every missing image of the run, then write the sidecar; returns its path."""
+    config = resolve_placement(config)
     check_run_folder(config.out, config.settings(), "generation")
     import diffusers
     import pandas as pd
@@ -174,7 +157,6 @@ def generate_images(config: GenerateConfig, log=print) -> Path:
     from blipdiff.models.blip_diffusion import BlipDiffusionControlNetPipeline, BlipDiffusionPipeline
     from blipdiff.models.blip_diffusion.controlnet import control_image
 
-    check_device(config.device)
     dtype = getattr(torch, config.dtype)
     controls = config.control_pairs()
     conditions, extra = [], {}

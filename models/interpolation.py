@@ -14,7 +14,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from blipdiff.infra.atomic import atomic_path, remove_stale_temporaries, write_json_atomic
-from blipdiff.models.generation import RUN_FILE, SCHEDULERS, check_device, check_run_folder
+from blipdiff.models.devices import AUTO, DEVICE_HELP, DTYPE_HELP, DType, resolve_placement
+from blipdiff.models.generation import RUN_FILE, SCHEDULERS, check_run_folder
 from blipdiff.models.inputs import ImageSide, SubjectText, model_location, readable_image
 
 MANIFEST = "interpolation.parquet"
@@ -51,8 +52,8 @@ class InterpolateConfig(BaseModel):
     height: ImageSide = 512
     width: ImageSide = 512
     scheduler: Literal["pndm", "ddim", "dpm"] = "pndm"
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    device: str = "cpu"
+    dtype: DType = Field(AUTO, description=DTYPE_HELP)
+    device: str = Field(AUTO, description=DEVICE_HELP)
 
     @model_validator(mode="after")
     def _inputs(self) -> InterpolateConfig:
@@ -75,6 +76,7 @@ class InterpolateConfig(BaseModel):
 
 def interpolate(config: InterpolateConfig, log=print) -> Path:
     """Render every missing cell, then the grid and the manifest; returns the grid's path."""
+    config = resolve_placement(config)
     check_run_folder(config.out, config.settings(), "interpolation")
     import diffusers
     import pandas as pd
@@ -84,7 +86,6 @@ def interpolate(config: InterpolateConfig, log=print) -> Path:
     from blipdiff.models.blip_diffusion import BlipDiffusionPipeline
     from blipdiff.models.blip_diffusion.pipeline import blend_embeddings
 
-    check_device(config.device)
     pipe = BlipDiffusionPipeline.from_pretrained(config.model, torch_dtype=getattr(torch, config.dtype),
                                                  device=config.device, load_controlnet=False)
     pipe.scheduler = getattr(diffusers, SCHEDULERS[config.scheduler]).from_config(pipe.scheduler.config)

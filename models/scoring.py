@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from blipdiff.infra.atomic import atomic_path, write_json_atomic
 from blipdiff.models import DEFAULT_CLIP, DEFAULT_DINO
+from blipdiff.models.devices import AUTO, DEVICE_HELP, resolve_device
 
 IMAGE_NAME = re.compile(r"^(?P<prompt>\d{2})_(?P<image>\d+)\.(png|jpg|jpeg)$", re.IGNORECASE)
 METRICS = ("dino", "clip_i", "clip_t")
@@ -41,7 +42,7 @@ class ScoreConfig(BaseModel):
     dino: str = Field(DEFAULT_DINO, description="DINO ViT-S/16: hub id or folder.")
     clip: str = Field(DEFAULT_CLIP, description="CLIP ViT-B/32: hub id or folder.")
     batch_size: int = Field(64, ge=1)
-    device: str | None = Field(None, description="torch device (default: cuda when available, else cpu).")
+    device: str = Field(AUTO, description=DEVICE_HELP)
 
     @model_validator(mode="after")
     def _images_or_oracle(self) -> ScoreConfig:
@@ -168,7 +169,7 @@ def run_score(config: ScoreConfig, log: Callable[[str], None] = print) -> dict:
 
     bench = read_dreambench(config.dreambench)
     rows = None if config.oracle else generated_images(config.images, bench)
-    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(config.device)
     dino = DinoEmbedder(config.dino, device, config.batch_size)
     clip = ClipEmbedder(config.clip, device, config.batch_size)
     if config.oracle:

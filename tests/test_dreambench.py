@@ -18,9 +18,9 @@ def test_the_real_dreambench_reads_with_its_subjects_classes_photos_and_prompts(
     assert {s.name for s in bench.subjects} == set(FINETUNE_STEPS)
     dog = bench.prompts(bench.subject("dog"))
     assert len(dog) == 25
-    assert (dog[0].text, dog[0].context, dog[0].kind) == ("a dog in the jungle", "in the jungle", "recontextualization")
+    assert (dog[0].text, dog[0].kind) == ("a dog in the jungle", "recontextualization")
     assert (dog[12].text, dog[12].kind) == ("a dog wearing a rainbow scarf", "accessorization")
-    assert (dog[20].text, dog[20].context, dog[20].kind) == ("a red dog", "a red dog", "property")
+    assert (dog[20].text, dog[20].kind) == ("a red dog", "property")
     assert [p.kind for p in dog].count("accessorization") == 10
     plushie = bench.prompts(bench.subject("bear_plushie"))
     assert plushie[19].text == "a stuffed animal on top of a white rug" and plushie[19].kind == "recontextualization"

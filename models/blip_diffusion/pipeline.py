@@ -332,6 +332,7 @@ class BlipDiffusionPipeline:
         subject_embeds: torch.Tensor | None = None,
         reference_weights: Sequence[float] | None = None,
         num_images_per_prompt: int = 1,
+        raw_prompt: bool = False,
     ) -> BlipDiffusionPipelineOutput | tuple:
         """Generate ``num_images_per_prompt`` images for each prompt.
 
@@ -341,11 +342,14 @@ class BlipDiffusionPipeline:
         as the released pipeline does. ``source_subject_category`` names it (one, or one
         per prompt); ``target_subject_category`` (default: the source) goes into the prompt.
         ``subject_embeds`` ([1 or len(prompt), Q, D], e.g. from ``subject_embedding``) replaces the
-        reference image. ``generator`` may be one generator or one per image."""
+        reference image. ``generator`` may be one generator or one per image. With ``raw_prompt`` each
+        prompt goes to the text encoder exactly as given, without the "a {target} {prompt}" template and its
+        repetition (the subject embeddings still go in at ``ctx_begin_pos``, after its first word), for a
+        protocol that fixes the text itself, as DreamBench's evaluation does."""
         context, guided, batch = self._prepare(
             prompt, reference_image, source_subject_category, target_subject_category, guidance_scale, height, width,
             neg_prompt, prompt_strength, prompt_reps, output_type, subject_embeds, reference_weights,
-            num_images_per_prompt)
+            num_images_per_prompt, raw_prompt=raw_prompt)
         latents = self._denoise(batch, height, width, num_inference_steps, guidance_scale, generator, latents, context)
         images = self.decode(latents, output_type or "pil")
         return BlipDiffusionPipelineOutput(images=images) if return_dict else (images,)
@@ -353,7 +357,7 @@ class BlipDiffusionPipeline:
     def _prepare(self, prompt, reference_image, source_subject_category, target_subject_category, guidance_scale: float,
                  height: int, width: int, neg_prompt, prompt_strength: float, prompt_reps: int, output_type: str | None,
                  subject_embeds: torch.Tensor | None, reference_weights, num_images_per_prompt: int,
-                 ) -> tuple[torch.Tensor, bool, int]:
+                 raw_prompt: bool = False) -> tuple[torch.Tensor, bool, int]:
         """Check the arguments and encode the prompts: the U-Net's context ([negatives;] prompts, each
         repeated ``num_images_per_prompt`` times), whether guidance is on, and the number of images."""
         output_type = output_type or "pil"
@@ -367,11 +371,12 @@ class BlipDiffusionPipeline:
         count = len(prompts)
         sources = _as_list(source_subject_category, count, "source_subject_category")
         targets = _as_list(target_subject_category, count, "target_subject_category") or sources
-        if targets is None:
+        if targets is None and not raw_prompt:
             raise ValueError("target_subject_category (or source_subject_category) names the subject in the prompt")
         embeds = self._subject_embeds(count, reference_image, sources, subject_embeds, reference_weights)
 
-        context = self.encode_prompt(embeds, self._build_prompt(prompts, targets, prompt_strength, prompt_reps))
+        texts = prompts if raw_prompt else self._build_prompt(prompts, targets, prompt_strength, prompt_reps)
+        context = self.encode_prompt(embeds, texts)
         guided = guidance_scale > 1.0
         if guided:
             negative = _as_list("" if neg_prompt is None else neg_prompt, count, "neg_prompt")
