@@ -297,7 +297,7 @@ def main() -> None:
 
     from blipdiff.datasets.decode import IMAGE_SUFFIXES
     from blipdiff.models.blip_diffusion import checkpoint
-    from blipdiff.models.training.finetune import FinetuneConfig
+    from blipdiff.models.training.learning_rate import DEFAULT_LR
 
     device, _ = resolve(args.device, "float32")
     photos, category = subject_photos(args.photos, args.subject)
@@ -349,7 +349,7 @@ def main() -> None:
             f"- setup: `finetune` on {device} ({gpu}), "
             f"{'bf16 autocast over fp32 master weights' if args.precision == 'bf16' else 'fp32'}, {args.steps} "
             f"steps at batch {args.batch_size}, {args.resolution}x{args.resolution}, AdamW lr "
-            f"{FinetuneConfig.model_fields['lr'].default:g}, LoRA rank {args.lora_rank}; {count} DreamBench "
+            f"{DEFAULT_LR['full']:g} (full), {DEFAULT_LR['lora']:g} (lora), LoRA rank {args.lora_rank}; {count} DreamBench "
             f"photos of {args.subject}; "
             f"modes run in this order in one process; peak taken as {args.peak_tflops:g} TFLOPS",
             *([f"- parameters: {parameters}"] if parameters else []),

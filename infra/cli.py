@@ -380,7 +380,9 @@ def finetune_command(
     subject: Annotated[str, typer.Option(help="The subject's category, e.g. dog.")],
     out: Annotated[Path, typer.Option(help="Folder for the subject checkpoint.")],
     steps: Annotated[int, typer.Option(help="Training steps (the paper: 40 to 120).")] = 80,
-    lr: Annotated[float, typer.Option(help="AdamW learning rate (LAVIS and the paper's appendix).")] = 5e-6,
+    lr: Annotated[float | None, typer.Option(
+        help="AdamW learning rate. Default: 5e-6 in full mode (LAVIS and the paper's appendix), 2e-4 in lora mode "
+             "(diffusers' LoRA recipes).", show_default=False)] = None,
     batch_size: Annotated[int, typer.Option(help="Photos per step.")] = 3,
     mode: Annotated[str, typer.Option(help="full (the U-Net) or lora (an adapter of a few MB).")] = "full",
     lora_rank: Annotated[int, typer.Option(help="Rank of the LoRA adapter.")] = 16,
@@ -413,10 +415,13 @@ def dreambooth_command(
     out: Annotated[Path, typer.Option(help="Folder for the run and its subject checkpoint.")],
     identifier: Annotated[str, typer.Option(help="The rare token that names the subject (one word).")] = "sks",
     steps: Annotated[int, typer.Option(help="Training steps.")] = 800,
-    lr: Annotated[float, typer.Option(help="AdamW learning rate, constant.")] = 5e-6,
+    lr: Annotated[float | None, typer.Option(
+        help="AdamW learning rate, constant. Default: 5e-6 in full mode, 2e-4 in lora mode.", show_default=False)] = None,
+    max_grad_norm: Annotated[float, typer.Option(
+        help="Clip the gradients to this total norm, as diffusers' recipe does; 0: no clipping.")] = 1.0,
     batch_size: Annotated[int, typer.Option(help="Subject photos per step and worker (as many class images).")] = 1,
     prior_preservation: Annotated[bool, typer.Option(
-        help="Add the class-specific prior-preservation loss on the base model's own 'a <class>' images.")] = False,
+        help="The class-specific prior-preservation loss on the base model's own 'a <class>' images.")] = True,
     num_class_images: Annotated[int, typer.Option(help="Class images, generated once and cached.")] = 200,
     prior_loss_weight: Annotated[float, typer.Option(help="λ, the prior loss's weight.")] = 1.0,
     train_text_encoder: Annotated[bool, typer.Option(help="Fine-tune the text encoder too.")] = False,
@@ -433,7 +438,8 @@ def dreambooth_command(
     from blipdiff.models.training.dreambooth import DreamBoothConfig, run_dreambooth
 
     config = _config(DreamBoothConfig, base=base, images=images, class_noun=class_noun, out=out, identifier=identifier,
-                                       steps=steps, lr=lr, batch_size=batch_size, prior_preservation=prior_preservation,
+                                       steps=steps, lr=lr, max_grad_norm=max_grad_norm or None, batch_size=batch_size,
+                                       prior_preservation=prior_preservation,
                                        num_class_images=num_class_images, prior_loss_weight=prior_loss_weight,
                                        train_text_encoder=train_text_encoder, mode=mode, lora_rank=lora_rank,
                                        precision=precision, resolution=resolution, seed=seed, class_images=class_images,

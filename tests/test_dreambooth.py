@@ -20,7 +20,7 @@ from blipdiff.infra.cli import app
 from blipdiff.models.dreambooth import load_dreambooth, load_stable_diffusion
 from blipdiff.models.random_models import save_tiny_stable_diffusion
 from blipdiff.models.training.dreambooth import (DreamBoothConfig, class_image_folder, draw_batch, dreambooth_loss,
-                                                 ensure_class_images, run_dreambooth)
+                                                 ensure_class_images, run_dreambooth, train_worker)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -179,6 +179,69 @@ def test_a_blip_diffusion_checkpoint_serves_as_the_base(ray_cluster, photos, cla
     blip = save_tiny_blip_diffusion(tmp_path / "blip-diffusion")
     out = run_dreambooth(config(blip, photos, tmp_path / "run", class_cache, steps=1, prior_preservation=False))
     assert np.abs(render(load_dreambooth(blip, out)) - render(load_stable_diffusion(blip))).max() > 1e-4
+
+
+def test_the_defaults_are_diffusers_recipe_prior_preservation_clipping_and_a_learning_rate_per_mode(
+        base, photos, class_cache, tmp_path, monkeypatch):
+    """What `blipdiff dreambooth` runs when told nothing: prior preservation (the paper's defining loss;
+    --no-prior-preservation turns it off), gradients clipped at a norm of 1.0, lr 5e-6, or 2e-4 for LoRA."""
+    import blipdiff.models.training.dreambooth as dreambooth
+
+    given = []
+    monkeypatch.setattr(dreambooth, "run_dreambooth", lambda config, log: given.append(config))
+    args = ["dreambooth", "--base", str(base), "--images", str(photos), "--class-noun", "dog", "--out",
+            str(tmp_path / "out"), "--class-images", str(class_cache)]
+    runner = CliRunner()
+    for extra in ([], ["--mode", "lora"], ["--no-prior-preservation", "--max-grad-norm", "0", "--lr", "1e-5",
+                                          "--mode", "lora"]):
+        done = runner.invoke(app, [*args, *extra])
+        assert done.exit_code == 0, done.output
+    default, lora, told = given
+    assert (default.prior_preservation, default.max_grad_norm, default.lr, default.mode) == (True, 1.0, 5e-6, "full")
+    assert (lora.prior_preservation, lora.max_grad_norm, lora.lr) == (True, 1.0, 2e-4)
+    assert (told.prior_preservation, told.max_grad_norm, told.lr) == (False, None, 1e-5)
+    assert default.num_class_images == 200 and default.steps == 800
+    direct = DreamBoothConfig(base=str(base), images=[photos], class_noun="dog", out=tmp_path / "x",
+                              class_images=class_cache)
+    assert (direct.prior_preservation, direct.max_grad_norm, direct.lr) == (True, 1.0, 5e-6)
+    assert direct.settings()["lr"] == 5e-6  # the resolved rate is what the run records
+    # A run recorded before clipping existed (no max_grad_norm) resumes only unclipped.
+    assert "max_grad_norm" not in direct.model_copy(update={"max_grad_norm": None}).trajectory()
+    assert direct.trajectory()["max_grad_norm"] == 1.0
+
+
+def test_gradients_are_clipped_to_max_grad_norm_before_each_step(base, photos, class_cache, tmp_path, monkeypatch):
+    """The total gradient norm is clipped (after the all-reduce, before the optimiser's step) each step."""
+    clip = torch.nn.utils.clip_grad_norm_
+    calls = []
+
+    def spy(parameters, max_norm, *args, **kwargs):
+        parameters = list(parameters)
+        total = clip(parameters, max_norm, *args, **kwargs)
+        after = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in parameters if p.grad is not None]))
+        calls.append((max_norm, float(total), float(after)))
+        return total
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+
+    def train(name: str, **changes) -> dict:
+        run = config(base, photos, tmp_path / name, class_cache, prior_preservation=False, checkpoint_every=2,
+                     **changes)
+        train_worker(run, 0, 1, "cpu", None)
+        return load_file(run.out / "unet" / "model.safetensors")
+
+    train("default")
+    assert [call[0] for call in calls] == [1.0, 1.0]
+    assert all(total > 1.0 and after <= 1.0 + 1e-4 for _, total, after in calls), calls
+    calls.clear()
+    unclipped = train("unclipped", max_grad_norm=None)
+    assert calls == []
+    # Clipped to almost nothing, Adam's steps become tiny (the gradients fall far below its epsilon).
+    clipped = train("clipped", max_grad_norm=1e-12)
+    before = load_stable_diffusion(base).unet.state_dict()
+    moved = {name: max((weights[key] - before[key]).abs().max().item() for key in weights)
+             for name, weights in (("unclipped", unclipped), ("clipped", clipped))}
+    assert moved["clipped"] < 0.01 * moved["unclipped"], moved
 
 
 @pytest.mark.parametrize("changes, message", [

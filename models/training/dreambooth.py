@@ -6,16 +6,22 @@ with a rare-token identifier ("sks"); the class-specific prior-preservation loss
 its own samples of "a [class noun]" (weight λ = ``prior_loss_weight``, 1), generated once by the base
 model and cached per (base model, class noun, count, seed, sampling settings) so that subjects of one
 class share them; the U-Net (and with ``train_text_encoder`` the text encoder) is fine-tuned. The
-defaults are the common Stable Diffusion recipe (lr 5e-6 constant, 800 steps with prior preservation,
-batch 1). Where the paper differs: it fine-tuned Imagen (and its super-resolution stage) for about 1,000
-steps at lr 1e-5 for the text-to-image model, with 1,000 class samples (200 in the common SD recipe), and
-its identifiers are rare tokens of T5's vocabulary.
+defaults are diffusers' DreamBooth recipe for Stable Diffusion: 800 steps with prior preservation (on by
+default; ``prior_preservation=False`` turns it off) and 200 class images, lr 5e-6 constant (2e-4 for
+LoRA adapters, ``learning_rate``), batch 1, AdamW with weight decay 0.01, gradients clipped to a norm of
+1.0 (``max_grad_norm``). Where this differs from that recipe: the photos are centre-cropped (diffusers
+crops at random unless told ``--center_crop``) so that their latents are encoded once, and weight decay
+spares biases and norms (the optimiser BLIP-Diffusion's fine-tuning uses, so that the two methods differ
+in what they are rather than in such details). Where the paper differs: it fine-tuned Imagen (and its
+super-resolution stage) for about 200 epochs (200 × N steps for N photos) at lr 1e-5, with about 200 × N
+class samples, and its identifiers are rare tokens of T5's vocabulary.
 
 Every step draws ``batch_size`` instance samples (and as many class samples with prior preservation) per
 worker: each photo's latents (Resize + CenterCrop to ``resolution``, encoded once by the frozen VAE,
 sampled from their distribution), noise and a timestep on the base model's DDPM schedule; the loss is
 the instance MSE plus λ times the class MSE of the predicted noise. With several workers the gradients
-are averaged across workers (all-reduce), as ``pretrain``'s DDP does.
+are averaged across workers (all-reduce), as ``pretrain``'s DDP does, then clipped to a total norm of
+``max_grad_norm``.
 
 Checkpoints (``OUT/checkpoints/step-NNNNNN``: the trained weights, the optimiser and every worker's random
 state) are written every ``checkpoint_every`` steps; a rerun, or a worker group that Ray restarts after a
@@ -41,6 +47,7 @@ from blipdiff.models.dreambooth import (LORA_WEIGHTS, RECORD_FILE, TEXT_ENCODER_
                                         TEXT_LORA_TARGETS, UNET_FOLDER, UNET_LORA, UNET_LORA_TARGETS, class_prompt,
                                         instance_prompt)
 from blipdiff.models.inputs import Identifier, ImageSide, SubjectText, find_photos, model_location
+from blipdiff.models.training.learning_rate import fill_default_lr
 
 CHECKPOINTS = "checkpoints"
 SETTINGS_FILE = "run.json"
@@ -61,9 +68,10 @@ class DreamBoothConfig(BaseModel):
     out: Path
     identifier: Identifier = Field("sks", description="The rare token that names the subject.")
     steps: int = Field(800, ge=1)
-    lr: float = Field(5e-6, gt=0)
+    lr: float | None = Field(None, gt=0, description="AdamW's learning rate (default: 5e-6 in full mode, 2e-4 in lora).")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradients clipped to this total norm (None: not clipped).")
     batch_size: int = Field(1, ge=1)
-    prior_preservation: bool = False
+    prior_preservation: bool = True
     num_class_images: int = Field(200, ge=1)
     prior_loss_weight: float = Field(1.0, ge=0)
     train_text_encoder: bool = False
@@ -94,6 +102,11 @@ class DreamBoothConfig(BaseModel):
     def _absolute_base(cls, base: str) -> str:
         return model_location(base)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_lr(cls, data):
+        return fill_default_lr(data)  # by mode; the resolved rate is what settings() records
+
     @model_validator(mode="after")
     def _inputs(self) -> DreamBoothConfig:
         self._photos = find_photos(self.images)
@@ -110,7 +123,10 @@ class DreamBoothConfig(BaseModel):
         return settings
 
     def trajectory(self) -> dict:
-        return {key: value for key, value in self.settings().items() if key not in NOT_TRAJECTORY}
+        trajectory = {key: value for key, value in self.settings().items() if key not in NOT_TRAJECTORY}
+        if trajectory["max_grad_norm"] is None:
+            del trajectory["max_grad_norm"]  # as runs recorded it before gradients were clipped: they resume
+        return trajectory
 
 
 def _require_writable(folder: Path) -> None:
@@ -364,6 +380,8 @@ def train_worker(config: DreamBoothConfig, rank: int, world: int, device, class_
                 if parameter.grad is not None:
                     dist.all_reduce(parameter.grad)
                     parameter.grad /= world
+        if config.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
         optimizer.step()
         step += 1
         pending.append(parts.total.detach())

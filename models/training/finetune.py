@@ -5,8 +5,10 @@ evaluation transform: Resize(224) + CenterCrop(224)) and is trained with the U-N
 Q-Former and the ViT stay frozen. Each step denoises the photos' latents (Resize(512) + CenterCrop(512),
 encoded once by the frozen VAE and sampled from their distribution each step) under the prompt
 "a {subject}" with the embedding spliced in, and minimises the mean squared error of the predicted noise
-on the checkpoint's DDPM schedule. AdamW at 5e-6 (LAVIS and the paper's appendix; its main text says
-5e-5), weight decay 0.01 on weight matrices only, batch 3, bf16 autocast over fp32 master weights.
+on the checkpoint's DDPM schedule. AdamW, by default at 5e-6 in ``full`` mode (LAVIS and the paper's
+appendix; its main text says 5e-5) and 2e-4 in ``lora`` mode (diffusers' LoRA recipes; see
+``learning_rate``), weight decay 0.01 on weight matrices only, batch 3, bf16 autocast over fp32 master
+weights.
 
 ``full`` trains every U-Net weight and saves the U-Net (bf16 by default) with the embedding; ``lora``
 trains a peft adapter on the U-Net's attention projections and saves only it (a few MB) with the
@@ -27,6 +29,7 @@ from blipdiff.infra.atomic import atomic_folder
 from blipdiff.models.blip_diffusion.subject_checkpoint import (EMBEDDING_FILE, LORA_FOLDER, LORA_TARGETS, LORA_WEIGHTS,
                                                                SUBJECT_FILE, UNET_FOLDER)
 from blipdiff.models.inputs import ImageSide, SubjectText, find_photos, model_location
+from blipdiff.models.training.learning_rate import fill_default_lr
 from blipdiff.models.training.optimizer import adamw
 
 
@@ -40,7 +43,7 @@ class FinetuneConfig(BaseModel):
     subject: SubjectText = Field(description="The subject's category, e.g. 'dog'.")
     out: Path
     steps: int = Field(80, ge=1)
-    lr: float = Field(5e-6, gt=0)
+    lr: float | None = Field(None, gt=0, description="AdamW's learning rate (default: 5e-6 in full mode, 2e-4 in lora).")
     batch_size: int = Field(3, ge=1)
     mode: Literal["full", "lora"] = "full"
     lora_rank: int = Field(16, ge=1)
@@ -52,6 +55,11 @@ class FinetuneConfig(BaseModel):
 
     # The photos that ``images`` names, found and checked once, when the config is made.
     _photos: list[Path] = PrivateAttr(default_factory=list)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_lr(cls, data):
+        return fill_default_lr(data)  # by mode; the resolved rate is what settings() records
 
     @model_validator(mode="after")
     def _photos_readable(self) -> FinetuneConfig:
