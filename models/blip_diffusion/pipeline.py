@@ -394,18 +394,21 @@ class BlipDiffusionPipeline:
         """The denoising loop from the initial noise to the final latents. ``residuals(model_input, t,
         context)`` gives extra U-Net arguments at each step (a ControlNet's residuals)."""
         guided = guidance_scale > 1.0
-        # Timesteps stay on the CPU (as in the released pipeline): PNDM indexes CPU tables with them, and
-        # GPU timesteps would cost a device-to-host wait every step. They are set before the initial
-        # noise is scaled: sigma-based schedulers (Euler, ...) derive init_noise_sigma from them.
+        # The scheduler keeps its timesteps on the CPU, where PNDM indexes its CPU tables with them (GPU
+        # timesteps there would wait on the device every step); the U-Net gets the same timesteps copied
+        # to the device once, not a CPU scalar copied every step (a blocking copy, and no CUDA graph can
+        # hold it). They are set before the initial noise is scaled: sigma-based schedulers (Euler, ...)
+        # derive init_noise_sigma from them.
         self.scheduler.set_timesteps(num_inference_steps)
+        device_timesteps = self.scheduler.timesteps.to(self.device)
         latents = self._initial_latents(batch, height, width, generator, latents)
         step_kwargs = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
         context = context.to(self.unet.dtype)
-        for t in tqdm(self.scheduler.timesteps, **self._progress_bar_config):
+        for index, t in enumerate(tqdm(self.scheduler.timesteps, **self._progress_bar_config)):
             model_input = torch.cat([latents] * 2) if guided else latents
             model_input = self.scheduler.scale_model_input(model_input, t).to(self.unet.dtype)
-            extra = residuals(model_input, t, context) if residuals is not None else {}
-            noise = self.unet(model_input, t, encoder_hidden_states=context, **extra).sample.float()
+            extra = residuals(model_input, device_timesteps[index], context) if residuals is not None else {}
+            noise = self.unet(model_input, device_timesteps[index], encoder_hidden_states=context, **extra).sample.float()
             if guided:
                 unconditional, conditional = noise.chunk(2)
                 noise = unconditional + guidance_scale * (conditional - unconditional)
