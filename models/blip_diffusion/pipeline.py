@@ -39,7 +39,6 @@ OUTPUT_TYPES = ("pil", "np", "pt")
 @dataclass
 class BlipDiffusionPipelineOutput:
     """``images``: PIL images, an [N, H, W, 3] array or an [N, 3, H, W] tensor, per ``output_type``."""
-
     images: list[Image.Image] | np.ndarray | torch.Tensor
 
 
@@ -47,8 +46,7 @@ def _as_list(value: str | Sequence[str] | None, count: int, name: str) -> list[s
     if value is None:
         return None
     values = [value] if isinstance(value, str) else list(value)
-    if len(values) == 1:
-        values = values * count
+    values = values * count if len(values) == 1 else values
     if len(values) != count:
         raise ValueError(f"{name}: {len(values)} values for {count} prompts")
     return values
@@ -342,10 +340,8 @@ class BlipDiffusionPipeline:
         as the released pipeline does. ``source_subject_category`` names it (one, or one
         per prompt); ``target_subject_category`` (default: the source) goes into the prompt.
         ``subject_embeds`` ([1 or len(prompt), Q, D], e.g. from ``subject_embedding``) replaces the
-        reference image. ``generator`` may be one generator or one per image. With ``raw_prompt`` each
-        prompt goes to the text encoder exactly as given, without the "a {target} {prompt}" template and its
-        repetition (the subject embeddings still go in at ``ctx_begin_pos``, after its first word), for a
-        protocol that fixes the text itself, as DreamBench's evaluation does."""
+        reference image. ``generator`` may be one generator or one per image. ``raw_prompt``: each prompt
+        goes to the text encoder as given, without the template and its repetition (a protocol's own text)."""
         context, guided, batch = self._prepare(
             prompt, reference_image, source_subject_category, target_subject_category, guidance_scale, height, width,
             neg_prompt, prompt_strength, prompt_reps, output_type, subject_embeds, reference_weights,
@@ -394,11 +390,9 @@ class BlipDiffusionPipeline:
         """The denoising loop from the initial noise to the final latents. ``residuals(model_input, t,
         context)`` gives extra U-Net arguments at each step (a ControlNet's residuals)."""
         guided = guidance_scale > 1.0
-        # The scheduler keeps its timesteps on the CPU, where PNDM indexes its CPU tables with them (GPU
-        # timesteps there would wait on the device every step); the U-Net gets the same timesteps copied
-        # to the device once, not a CPU scalar copied every step (a blocking copy, and no CUDA graph can
-        # hold it). They are set before the initial noise is scaled: sigma-based schedulers (Euler, ...)
-        # derive init_noise_sigma from them.
+        # The scheduler indexes its CPU tables with CPU timesteps; the U-Net gets them copied to the device
+        # once, not a CPU scalar per step (a blocking copy that no CUDA graph can hold). Set before the noise
+        # is scaled: sigma-based schedulers (Euler, ...) derive init_noise_sigma from them.
         self.scheduler.set_timesteps(num_inference_steps)
         device_timesteps = self.scheduler.timesteps.to(self.device)
         latents = self._initial_latents(batch, height, width, generator, latents)
