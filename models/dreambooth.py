@@ -1,6 +1,7 @@
-"""DreamBooth's models: a Stable Diffusion 1.5 base (the diffusers layout, or the U-Net, text encoder and VAE
-of a BLIP-Diffusion checkpoint) as a diffusers ``StableDiffusionPipeline``, and a DreamBooth subject
-checkpoint applied to it.
+"""DreamBooth's models: a base (Stable Diffusion 1.5 in the diffusers layout, or the U-Net, text encoder and
+VAE of a BLIP-Diffusion checkpoint, which has Stable Diffusion 1.5's architecture but whose U-Net and text
+encoder stage-2 pre-training trained further) as a diffusers ``StableDiffusionPipeline``, and a DreamBooth
+subject checkpoint applied to it.
 
 A subject checkpoint, as ``blipdiff dreambooth`` writes it: ``dreambooth.json`` (written last: the
 checkpoint is complete once it is there) and what training changed: the U-Net, and the text encoder
@@ -44,11 +45,40 @@ def resolve_base(base: str | os.PathLike) -> Path:
     return checkpoint.resolve(base, COMPONENTS, kind=f"Stable Diffusion checkpoint ({', '.join(COMPONENTS)})")
 
 
+# Stable Diffusion 1.5's architecture, as its component configs state it.
+SD15_ARCHITECTURE = {
+    "unet": {"in_channels": 4, "out_channels": 4, "sample_size": 64, "cross_attention_dim": 768,
+             "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2, "attention_head_dim": 8},
+    "text_encoder": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12},
+    "vae": {"latent_channels": 4, "block_out_channels": [128, 256, 512, 512]},
+}
+
+
+def not_stable_diffusion_15(base: str | os.PathLike) -> str | None:
+    """Why ``base`` is not Stable Diffusion 1.5, or None when it is: its ``model_index.json`` names a
+    ``StableDiffusionPipeline`` (a BLIP-Diffusion checkpoint's does not: stage-2 pre-training trained its
+    U-Net and text encoder) and its U-Net, text encoder and VAE configs have SD1.5's architecture. Decided
+    by the configs alone: Stable Diffusion 1.4, or a fine-tune of 1.5, passes too."""
+    root = resolve_base(base)
+    pipeline = checkpoint.read_index(root, COMPONENTS).get("_class_name")
+    if pipeline != "StableDiffusionPipeline":
+        if pipeline == "BlipDiffusionPipeline":
+            return ("a BLIP-Diffusion checkpoint, whose U-Net and text encoder BLIP-Diffusion's stage-2 "
+                    "pre-training trained")
+        return f"a {pipeline or 'pipeline without a class name'}, not a StableDiffusionPipeline"
+    for component, expected in SD15_ARCHITECTURE.items():
+        config = checkpoint.read_json(root / component / "config.json")
+        differing = sorted(key for key, value in expected.items() if config.get(key) != value)
+        if differing:
+            return f"its {component} is not Stable Diffusion 1.5's architecture: {', '.join(differing)} differ"
+    return None
+
+
 def load_stable_diffusion(base: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | None = None):
     """A ``StableDiffusionPipeline`` (no safety checker) from a Stable Diffusion 1.5 checkpoint in the
     diffusers layout or a BLIP-Diffusion checkpoint (hub id or folder): its U-Net, VAE, scheduler,
-    tokenizer and text encoder, the latter as a plain CLIP text model (BLIP-Diffusion's has the same
-    weights), every key accounted for."""
+    tokenizer and text encoder, the latter as a plain CLIP text model (BLIP-Diffusion's context text
+    encoder has its architecture and key names), every key accounted for."""
     import diffusers
     import transformers
 

@@ -457,6 +457,21 @@ def train_dreambooth(config: EvalConfig, subjects, log: Callable[[str], None]) -
         log(f"{subject.name}: DreamBooth {config.dreambooth_steps} steps in {wall:.1f} s")
 
 
+def report_notes(config: EvalConfig) -> list[str]:
+    """What the report must say of its comparison with the paper: DreamBooth's numbers in the paper are
+    DreamBooth on Stable Diffusion, so a run on another base (a BLIP-Diffusion checkpoint, say) is not
+    like for like."""
+    if config.method != "dreambooth":
+        return []
+    from blipdiff.models.dreambooth import not_stable_diffusion_15
+
+    reason = not_stable_diffusion_15(config.model)
+    if reason is None:
+        return []
+    return [f"DreamBooth here was fine-tuned on {config.model}, which is not Stable Diffusion 1.5 ({reason}): the "
+            "paper's DreamBooth numbers (DreamBooth on Stable Diffusion) are not a like-for-like comparison."]
+
+
 def _seed_set_spread(scores: list[dict]) -> dict:
     """The benchmark's means per seed set, and their mean and (sample) standard deviation."""
     import numpy as np
@@ -536,7 +551,7 @@ def run_eval(config: EvalConfig, log: Callable[[str], None] = print,
                "finetuning": {name: values for name, values in facts.items()}, "settings": settings}
     write_json_atomic(summary, config.out / SUMMARY)
     write_report(scores, config.report_mode, config.out, f"DreamBench, {config.report_mode}: {config.run_id}",
-                 spread=summary["spread"])
+                 spread=summary["spread"], notes=report_notes(config))
     if config.dataset is not None:
         from blipdiff.datasets.dreambench_catalog import catalog_evaluation
 

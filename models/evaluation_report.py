@@ -4,6 +4,7 @@ prompt kind, and a per-subject bar chart (``per_subject.png``). The paper's numb
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from blipdiff.infra.atomic import atomic_path
@@ -47,10 +48,12 @@ def _cell(ours: float, paper: float | None) -> str:
     return f"{ours:.3f}" if paper is None else f"{ours:.3f} ({paper:.3f}, {ours - paper:+.3f})"
 
 
-def write_report(scores: list[dict], mode: str, out: Path, title: str, spread: dict | None = None) -> Path:
+def write_report(scores: list[dict], mode: str, out: Path, title: str, spread: dict | None = None,
+                 notes: Sequence[str] = ()) -> Path:
     """``out/report.md`` and ``out/per_subject.png`` from the scored images of one run in ``mode``
-    (``zero-shot`` or ``finetuned``); ``spread``: per metric, the mean and standard deviation of the
-    benchmark's score over seed sets (the paper's ± is over 10 seed sets)."""
+    (``zero-shot``, ``finetuned`` or ``dreambooth``); ``spread``: per metric, the mean and standard deviation
+    of the benchmark's score over seed sets (the paper's ± is over 10 seed sets); ``notes``: paragraphs
+    under the summary table, on how far the paper's numbers compare."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -69,6 +72,7 @@ def write_report(scores: list[dict], mode: str, out: Path, title: str, spread: d
     if spread is not None and all(spread[m]["std"] is not None for m in METRICS):
         lines.append("| seed-set spread (std) | " + " | ".join(f"±{spread[m]['std']:.4f}" for m in METRICS) + " |")
     lines.append("")
+    lines += [f"**Note.** {note}\n" for note in notes]
     table = {"zero-shot": "Table 4", "finetuned": "Table 5"}.get(mode)
     lines += [f"## Per subject, beside the paper's {table}\n" if table else "## Per subject (the paper has no table)\n", "| subject | DINO | CLIP-I | CLIP-T |",
               "| --- | ---: | ---: | ---: |"]

@@ -241,6 +241,7 @@ def test_dreambooth_on_dreambench_writes_the_same_outputs_and_compares(finished_
     assert summary["mode"] == "dreambooth" and set(summary["finetuning"]) == set(SUBJECTS)
     assert all(facts["finetune_seconds"] > 0 for facts in summary["finetuning"].values())
     assert "0.668" in (out / "report.md").read_text()
+    assert "not a like-for-like comparison" in (out / "report.md").read_text()  # a tiny model, not SD1.5
     class_folders = list((out / "class-images").iterdir())
     assert len(class_folders) == 2, "dog and vase: one class-image cache entry each"
 
@@ -252,3 +253,41 @@ def test_dreambooth_on_dreambench_writes_the_same_outputs_and_compares(finished_
     assert "| dog |" in table and "| recontextualization |" in table and "Fine-tuning wall time" in table
     refused = CliRunner().invoke(app, ["compare", str(finished_run), str(tmp_path)])
     assert refused.exit_code == 2 and "not a finished evaluation" in refused.output
+
+
+def test_a_dreambooth_report_on_a_base_other_than_stable_diffusion_15_says_the_paper_does_not_compare(
+        models, dreambench, tmp_path):
+    """The paper's DreamBooth numbers are DreamBooth on Stable Diffusion: a report of DreamBooth on another
+    base (a BLIP-Diffusion checkpoint, whose U-Net and text encoder stage-2 pre-training trained, or another
+    architecture) says they are not like for like; on Stable Diffusion 1.5 it does not."""
+    from blipdiff.models.dreambooth import not_stable_diffusion_15
+    from blipdiff.models.evaluation import EvalConfig, report_notes
+    from blipdiff.models.evaluation_report import write_report
+    from blipdiff.models.random_models import save_tiny_stable_diffusion
+
+    tiny = save_tiny_stable_diffusion(tmp_path / "tiny-sd")
+    # Stable Diffusion 1.5's configs (the weights are not read): the tiny model's folder, its configs made SD1.5's.
+    sd15 = save_tiny_stable_diffusion(tmp_path / "sd15")
+    for component in ("unet", "text_encoder", "vae"):
+        path = sd15 / component / "config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **{
+            "unet": {"in_channels": 4, "out_channels": 4, "sample_size": 64, "cross_attention_dim": 768,
+                     "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2, "attention_head_dim": 8},
+            "text_encoder": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12},
+            "vae": {"latent_channels": 4, "block_out_channels": [128, 256, 512, 512]}}[component]}))
+    assert not_stable_diffusion_15(sd15) is None
+    assert "BLIP-Diffusion checkpoint" in not_stable_diffusion_15(models["model"])
+    assert "unet is not Stable Diffusion 1.5's architecture" in not_stable_diffusion_15(tiny)
+
+    def notes(base, method="dreambooth"):
+        return report_notes(EvalConfig(model=str(base), method=method, dreambench=dreambench, out=tmp_path / "run"))
+
+    assert notes(sd15) == [] and notes(models["model"], method="blip-diffusion") == []
+    for base in (models["model"], tiny):
+        (note,) = notes(base)
+        assert "not Stable Diffusion 1.5" in note and "not a like-for-like comparison" in note
+    scores = [
+        {"subject": "dog", "class": "dog", "seed_set": 0, "prompt_index": 0, "image_index": 0, "kind": "property",
+         "prompt": "a red dog", "path": "x.png", "dino": 0.5, "clip_i": 0.7, "clip_t": 0.3}]
+    report = write_report(scores, "dreambooth", tmp_path / "report", "DreamBooth", notes=notes(models["model"]))
+    assert "not a like-for-like comparison" in report.read_text()
