@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 from blipdiff.models import DEFAULT_BLIP2, DEFAULT_CLIP, DEFAULT_CLIPSEG, DEFAULT_DINO
+from blipdiff.models.devices import AUTO, DEVICE_HELP, DTYPE_HELP
 
 app = typer.Typer(
     name="blipdiff",
@@ -102,7 +103,7 @@ def build_command(
     num_captions: Annotated[int, typer.Option(help="Captions sampled per image (the authors: 48).")] = 1,
     segmenter: Annotated[str, typer.Option(help="grabcut (weight-free) or clipseg.")] = "grabcut",
     segment_model: Annotated[str, typer.Option(help="CLIPSeg hub id or local folder.")] = DEFAULT_CLIPSEG,
-    device: Annotated[str | None, typer.Option(help="Model device (default: cuda when available).")] = None,
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = AUTO,
     actors: Annotated[int, typer.Option(help="Actors per model stage.")] = 1,
     gpus_per_actor: Annotated[float, typer.Option(help="GPUs per model actor.")] = 0.0,
     batch_size: Annotated[int, typer.Option(help="Images per model call.")] = 8,
@@ -235,8 +236,8 @@ def generate_command(
     height: Annotated[int, typer.Option(help="Image height, a multiple of 8.")] = 512,
     width: Annotated[int, typer.Option(help="Image width, a multiple of 8.")] = 512,
     scheduler: Annotated[str, typer.Option(help="pndm, ddim or dpm.")] = "pndm",
-    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
-    device: Annotated[str, typer.Option(help="torch device, e.g. cpu or cuda.")] = "cpu",
+    dtype: Annotated[str, typer.Option(help=DTYPE_HELP)] = AUTO,
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = AUTO,
     image_subject: Annotated[list[str] | None, typer.Option(
         help="Each --image's category, to blend different subjects (default: --subject).")] = None,
     weights: Annotated[str | None, typer.Option(help="Each --image's weight in the mean, e.g. 0.3,0.7.")] = None,
@@ -303,8 +304,8 @@ def edit_command(
         help="Share of the steps that keep the source's attention maps for the shared words.")] = 0.8,
     mask_threshold: Annotated[float, typer.Option(
         help="Share of its peak above which an attention map marks the edited region.")] = 0.3,
-    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
-    device: Annotated[str, typer.Option(help="torch device, e.g. cpu or cuda.")] = "cpu",
+    dtype: Annotated[str, typer.Option(help=DTYPE_HELP)] = AUTO,
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = AUTO,
 ) -> None:
     """Subject-driven editing: the subject in place of a word's region of a picture, the rest kept."""
     from blipdiff.models.editing import EditConfig, edit_picture
@@ -339,8 +340,8 @@ def interpolate_command(
     height: Annotated[int, typer.Option(help="Cell height, a multiple of 8.")] = 512,
     width: Annotated[int, typer.Option(help="Cell width, a multiple of 8.")] = 512,
     scheduler: Annotated[str, typer.Option(help="pndm, ddim or dpm.")] = "pndm",
-    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
-    device: Annotated[str, typer.Option(help="torch device, e.g. cpu or cuda.")] = "cpu",
+    dtype: Annotated[str, typer.Option(help=DTYPE_HELP)] = AUTO,
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = AUTO,
 ) -> None:
     """Subject interpolation: a grid of the blends of 2 or 4 subjects' embeddings, at one seed."""
     from blipdiff.models.interpolation import InterpolateConfig, interpolate
@@ -389,7 +390,7 @@ def finetune_command(
     precision: Annotated[str, typer.Option(help="bf16 (autocast over fp32 weights) or fp32.")] = "bf16",
     resolution: Annotated[int, typer.Option(help="Side of the square training targets.")] = 512,
     seed: Annotated[int, typer.Option(help="Seed of the noise, timesteps and photo order.")] = 0,
-    device: Annotated[str | None, typer.Option(help="torch device (default: cuda when available).")] = None,
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = AUTO,
 ) -> None:
     """Fine-tune BLIP-Diffusion to one subject in a few steps (LAVIS's recipe): a subject checkpoint."""
     from blipdiff.models.training.finetune import FinetuneConfig
@@ -535,7 +536,7 @@ def score_command(
     dino: Annotated[str, typer.Option(help="DINO ViT-S/16: hub id or folder.")] = DEFAULT_DINO,
     clip: Annotated[str, typer.Option(help="CLIP ViT-B/32: hub id or folder.")] = DEFAULT_CLIP,
     batch_size: Annotated[int, typer.Option(help="Images per metric-model call.")] = 64,
-    device: Annotated[str | None, typer.Option(help="torch device (default: cuda when available).")] = None,
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = AUTO,
 ) -> None:
     """DreamBench's DINO, CLIP-I and CLIP-T for images made by any method, or the real-photo oracle."""
     from blipdiff.models.scoring import ScoreConfig, run_score
@@ -583,7 +584,7 @@ def eval_command(
         help="Fine-tuning steps for every subject (default: the paper's Table 3).")] = None,
     finetune_mode: Annotated[str, typer.Option(help="full or lora.")] = "full",
     finetune_precision: Annotated[str, typer.Option(help="bf16 or fp32.")] = "bf16",
-    dtype: Annotated[str, typer.Option(help="auto (float16 on a GPU), float32, float16 or bfloat16.")] = "auto",
+    dtype: Annotated[str, typer.Option(help=DTYPE_HELP)] = AUTO,
     dino: Annotated[str, typer.Option(help="DINO ViT-S/16: hub id or folder.")] = DEFAULT_DINO,
     clip: Annotated[str, typer.Option(help="CLIP ViT-B/32: hub id or folder.")] = DEFAULT_CLIP,
     dataset: Annotated[str, typer.Option(help="FiftyOne dataset of the catalog (empty: none).")] = "dreambench",

@@ -1,13 +1,13 @@
 """``blipdiff eval``: a model on DreamBench by the paper's protocol: generate, score, report (and catalogue).
 
 Per subject, per prompt (DreamBench's first ``prompts`` of its list), ``images_per_prompt`` images, PNDM,
-``steps`` steps, guidance ``guidance``, ``resolution``². Re-contextualisation and accessorisation prompts
-go through the pipeline as ``prompt=<the words after the class>`` with the class as target subject (the
-pipeline writes "a {class}" before them); property prompts, which that template cannot express, as the
-whole caption ("a red backpack"). CLIP-T compares each image with the DreamBench text without its
-identifier. Zero-shot, the subject embedding is the mean over the subject's photos (``reference="all"``),
-its first photo (``"first"``), or the photo a FILE names (an image, for one subject; or a CSV of
-``subject,photo`` lines). Fine-tuned, ``blipdiff finetune`` runs per subject with the paper's step
+``steps`` steps, guidance ``guidance``, ``resolution``². The text encoder gets each prompt in the form the
+authors' evaluation gave it ("a dog in the jungle, in the jungle, ..."; property prompts "a red backpack,
+a red backpack, ...": ``datasets.dreambench`` says why), and DreamBooth DreamBench's own prompt ("a red sks
+backpack"); ``generations.parquet`` records that exact text (``text_encoder_prompt``). CLIP-T compares
+each image with the DreamBench text without its identifier. Zero-shot, the subject embedding is the mean
+over the subject's photos (``reference="all"``), its first photo (``"first"``), or the photo a FILE names
+(an image, for one subject; or a CSV of ``subject,photo`` lines). Fine-tuned, ``blipdiff finetune`` runs per subject with the paper's step
 counts (appendix Table 3) into ``RUN/finetuned/<subject>/``, and the subject checkpoint generates.
 
 Image k of prompt p of subject s in seed set n is drawn with the seed derived from (n, s, p, k), so any
@@ -42,6 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from blipdiff.infra.atomic import atomic_path, remove_stale_temporaries, write_json_atomic
 from blipdiff.infra.journal import Journal
 from blipdiff.models import DEFAULT_CLIP, DEFAULT_DINO
+from blipdiff.models.devices import DTYPE_HELP, DType, resolve_device, torch_dtype
 from blipdiff.models.inputs import Identifier, ImageSide, model_location, readable_image
 from blipdiff.models.scoring import METRICS, summarize
 
@@ -80,8 +81,7 @@ class EvalSettings(BaseModel):
     prior_preservation: bool = Field(True, description="DreamBooth's class-specific prior-preservation loss.")
     num_class_images: int = Field(200, ge=1)
     identifier: Identifier = Field("sks", description="DreamBooth's identifier in the prompts.")
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
-        "auto", description="Generation dtype; auto: float16 on a GPU, float32 on the CPU.")
+    dtype: DType = Field("auto", description=f"Generation dtype: {DTYPE_HELP}")
     dino: str = Field(DEFAULT_DINO, description="DINO ViT-S/16: hub id or folder.")
     clip: str = Field(DEFAULT_CLIP, description="CLIP ViT-B/32: hub id or folder.")
     dataset: str | None = Field("dreambench", description="FiftyOne dataset of the catalog (empty: no catalog).")
@@ -110,8 +110,12 @@ class EvalSettings(BaseModel):
     def protocol(self) -> dict:
         """What makes two evaluations comparable (the history's fingerprint): everything but the model,
         the catalog and the fan-out."""
+        from blipdiff.datasets.dreambench import PROMPT_FORM
+
         protocol = self.model_dump(mode="json", include=set(EvalSettings.model_fields) - {"dataset", "actors"})
         protocol["dreambench"] = str(self.dreambench.resolve())
+        # Runs whose text encoder got other texts made other images: neither comparable nor resumable.
+        protocol["prompt_form"] = PROMPT_FORM
         return protocol
 
 
@@ -197,10 +201,9 @@ def plan(config: EvalConfig):
                 for image_index in range(config.images_per_prompt):
                     jobs.append({"seed_set": seed_set, "subject": subject.name, "class": subject.class_name,
                                  "live": subject.live, "prompt_index": prompt.index, "prompt": prompt.text,
-                                 "context": prompt.context, "kind": prompt.kind, "image_index": image_index,
-                                 # DreamBooth's prompt names the subject by its identifier: "a sks dog in the jungle".
-                                 "generation_prompt": prompt.template.format(config.identifier, subject.class_name)
-                                 if config.method == "dreambooth" else prompt.context,
+                                 "kind": prompt.kind, "image_index": image_index,
+                                 "text_encoder_prompt": prompt.dreambooth_text(config.identifier)
+                                 if config.method == "dreambooth" else prompt.blip_diffusion_text,
                                  "seed": image_seed(seed_set, subject.name, prompt.index, image_index),
                                  "path": image_path(seed_set, subject.name, prompt.index, image_index)})
     return bench, subjects, jobs
@@ -234,24 +237,14 @@ def finished(out: Path, jobs: list[dict]) -> set[str]:
     return done
 
 
-def _generation_dtype(name: str, device: str):
-    import torch
-
-    if name == "auto":
-        return torch.float16 if device == "cuda" else torch.float32
-    return getattr(torch, name)
-
-
 class SubjectGenerator:
     """One generation worker (a Ray actor): the model loaded once; given a subject and its missing images,
     it makes, writes and journals them one by one."""
 
     def __init__(self, config: EvalConfig):
-        import torch
-
         self.config = config
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.dtype = _generation_dtype(config.dtype, self.device)
+        self.device = resolve_device()
+        self.dtype = torch_dtype(config.dtype, self.device)
         self.pipe = None if config.mode == "finetuned" or config.method == "dreambooth" else self._load()
 
     def _load(self):
@@ -299,7 +292,7 @@ class SubjectGenerator:
             pipe.scheduler = diffusers.PNDMScheduler.from_config(pipe.scheduler.config)
             for job in jobs:
                 start = time.perf_counter()
-                image = pipe(job["generation_prompt"], negative_prompt=config.negative_prompt,
+                image = pipe(job["text_encoder_prompt"], negative_prompt=config.negative_prompt,
                              guidance_scale=config.guidance, height=config.resolution, width=config.resolution,
                              num_inference_steps=config.steps,
                              generator=torch.Generator("cpu").manual_seed(job["seed"])).images[0]
@@ -316,7 +309,7 @@ class SubjectGenerator:
             embeds = pipe.subject_embedding(photos, subject.class_name)
         for job in jobs:
             start = time.perf_counter()
-            image = pipe(job["context"], target_subject_category=subject.class_name, subject_embeds=embeds,
+            image = pipe(job["text_encoder_prompt"], raw_prompt=True, subject_embeds=embeds,
                          guidance_scale=config.guidance, height=config.resolution, width=config.resolution,
                          num_inference_steps=config.steps, neg_prompt=config.negative_prompt,
                          generator=torch.Generator("cpu").manual_seed(job["seed"])).images[0]
@@ -335,11 +328,9 @@ class SubjectScorer:
     """The metric models (a Ray actor), loaded once; scores a subject's images against its real photos."""
 
     def __init__(self, dino: str, clip: str, out: Path):
-        import torch
-
         from blipdiff.models.metrics import ClipEmbedder, DinoEmbedder
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = resolve_device()
         self.dino, self.clip, self.out = DinoEmbedder(dino, device), ClipEmbedder(clip, device), out
 
     def score(self, bench, jobs: list[dict]) -> list[dict]:

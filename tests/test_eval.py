@@ -56,8 +56,9 @@ def test_eval_writes_complete_consistent_outputs(finished_run, dreambench):
     assert len(generations) == len(scores) == 2 * 2 * 2
     assert sorted(set(generations["subject"])) == list(SUBJECTS)
     dog = generations[(generations["subject"] == "dog") & (generations["prompt_index"] == 0)].iloc[0]
-    assert (dog["class"], dog["prompt"], dog["context"], dog["kind"], bool(dog["live"])) == (
-        "dog", "a dog in the jungle", "in the jungle", "recontextualization", True)
+    assert (dog["class"], dog["prompt"], dog["kind"], bool(dog["live"])) == (
+        "dog", "a dog in the jungle", "recontextualization", True)
+    assert dog["text_encoder_prompt"] == "a dog " + ", ".join(["in the jungle"] * 15)
     for row in generations.itertuples():
         assert row.seed == image_seed(row.seed_set, row.subject, row.prompt_index, row.image_index)
         with Image.open(out / row.path) as image:
@@ -233,7 +234,7 @@ def test_dreambooth_on_dreambench_writes_the_same_outputs_and_compares(finished_
     assert set(theirs.columns) <= set(generations.columns)
     assert list(generations["path"]) == list(theirs["path"]) and list(generations["seed"]) == list(theirs["seed"])
     dog = generations[(generations["subject"] == "dog") & (generations["prompt_index"] == 0)].iloc[0]
-    assert dog["generation_prompt"] == "a sks dog in the jungle" and dog["prompt"] == "a dog in the jungle"
+    assert dog["text_encoder_prompt"] == "a sks dog in the jungle" and dog["prompt"] == "a dog in the jungle"
     assert set(generations["method"]) == {"dreambooth"} and set(generations["finetune_steps"]) == {2}
     scores = pd.read_parquet(out / "scores.parquet")
     assert list(scores.columns) == list(pd.read_parquet(finished_run / "scores.parquet").columns) and len(scores) == 8
@@ -291,3 +292,32 @@ def test_a_dreambooth_report_on_a_base_other_than_stable_diffusion_15_says_the_p
          "prompt": "a red dog", "path": "x.png", "dino": 0.5, "clip_i": 0.7, "clip_t": 0.3}]
     report = write_report(scores, "dreambooth", tmp_path / "report", "DreamBooth", notes=notes(models["model"]))
     assert "not a like-for-like comparison" in report.read_text()
+
+
+def test_the_text_encoder_gets_the_authors_text_for_each_prompt_kind(models, dreambench, tmp_path):
+    """One prompt of each kind through the evaluation's own generator, the tokenizer's input recorded."""
+    from blipdiff.models.evaluation import EvalConfig, SubjectGenerator, plan
+
+    config = EvalConfig(model=models["model"], dreambench=dreambench, out=tmp_path / "run", subjects=["dog"],
+                        prompts=21, images_per_prompt=1, steps=2, resolution=32, dataset=None)
+    bench, subjects, jobs = plan(config)
+    kinds = {0: "recontextualization", 10: "accessorization", 20: "property"}
+    jobs = [job for job in jobs if job["prompt_index"] in kinds]
+    assert [job["kind"] for job in jobs] == list(kinds.values())
+    (config.out / "journal").mkdir(parents=True)
+    generator = SubjectGenerator(config)
+    tokenizer = generator.pipe.tokenizer
+    received: list[str] = []
+
+    def recording(texts, *args, **kwargs):
+        received.extend([texts] if isinstance(texts, str) else texts)
+        return tokenizer(texts, *args, **kwargs)
+
+    generator.pipe.tokenizer = recording
+    generator.generate(subjects[0], jobs)
+    expected = ["a dog " + ", ".join(["in the jungle"] * 15),
+                "a dog " + ", ".join(["wearing a red hat"] * 15),
+                ", ".join(["a red dog"] * 15)]
+    # Each image's prompt, then its empty negative prompt (guidance 7.5), encoded without the subject.
+    assert received[0::2] == expected and received[1::2] == [""] * 3
+    assert [job["text_encoder_prompt"] for job in jobs] == expected

@@ -48,6 +48,7 @@ from blipdiff.models.dreambooth import (LORA_WEIGHTS, RECORD_FILE, TEXT_ENCODER_
                                         instance_prompt)
 from blipdiff.models.inputs import Identifier, ImageSide, SubjectText, find_photos, model_location
 from blipdiff.models.training.learning_rate import fill_default_lr
+from blipdiff.models.devices import AUTO, resolve_device, torch_dtype
 
 CHECKPOINTS = "checkpoints"
 SETTINGS_FILE = "run.json"
@@ -163,8 +164,8 @@ def make_class_images(base: str, class_noun: str, indices: list[int], folder: st
 
     from blipdiff.models.dreambooth import load_stable_diffusion
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    pipe = load_stable_diffusion(base, torch.float16 if device == "cuda" else torch.float32, device)
+    device = resolve_device()
+    pipe = load_stable_diffusion(base, torch_dtype(AUTO, device), device)
     for index in indices:
         image = pipe(class_prompt(class_noun), height=resolution, width=resolution, num_inference_steps=steps,
                      guidance_scale=guidance,

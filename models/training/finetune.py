@@ -31,6 +31,7 @@ from blipdiff.models.blip_diffusion.subject_checkpoint import (EMBEDDING_FILE, L
 from blipdiff.models.inputs import ImageSide, SubjectText, find_photos, model_location
 from blipdiff.models.training.learning_rate import fill_default_lr
 from blipdiff.models.training.optimizer import adamw
+from blipdiff.models.devices import AUTO, DEVICE_HELP, resolve_device
 
 
 class FinetuneConfig(BaseModel):
@@ -51,7 +52,7 @@ class FinetuneConfig(BaseModel):
     weight_decay: float = Field(0.01, ge=0)
     resolution: ImageSide = Field(512, description="Side of the square training targets.")
     seed: int = Field(0, ge=0)
-    device: str | None = Field(None, description="torch device (default: cuda when available, else cpu).")
+    device: str = Field(AUTO, description=DEVICE_HELP)
 
     # The photos that ``images`` names, found and checked once, when the config is made.
     _photos: list[Path] = PrivateAttr(default_factory=list)
@@ -97,7 +98,7 @@ def finetune(config: FinetuneConfig, log: Callable[[str], None] = print) -> Path
     from blipdiff.models.blip_diffusion import BlipDiffusionPipeline
     from blipdiff.models.blip_diffusion.image_processor import resize_center_crop, to_signed_tensor
 
-    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(resolve_device(config.device))
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
 
