@@ -7,6 +7,7 @@ import csv
 import gzip
 import shutil
 import tempfile
+import time
 import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -91,6 +92,7 @@ class Funnel:
 class FilterResult:
     subjects: pd.DataFrame
     funnel: Funnel
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time of each SQL statement, by the table it makes
 
 
 def read_classes(path: Path) -> dict[str, str]:
@@ -137,9 +139,16 @@ def _source(path: Path, block_bytes: int, parallel: bool = True) -> dict[str, st
     if missing := [column for column in BOX_COLUMNS if column not in names]:
         raise ValueError(f"{path} is not an Open Images box file: missing column(s) {', '.join(missing)} "
                          f"(found {', '.join(names) or 'no header'})")
-    numbers = (f"CASE WHEN NOT contains({column}, '_') THEN TRY_CAST({column} AS DOUBLE) END AS {value}" if column in text
-               else f"TRY_CAST({column} AS DOUBLE) AS {value}" for column, value in zip(BOX_COLUMNS[2:], _NUMBERS, strict=True))
+    numbers = (_number(column, column in text) + f" AS {value}" for column, value in zip(BOX_COLUMNS[2:], _NUMBERS, strict=True))
     return {"source": source, "malformed": malformed, "no_label": no_label, "numbers": ", ".join(numbers)}
+
+
+def _number(column: str, text: bool) -> str:
+    """SQL for a column's number: a flag's `0` and `1` (nearly every value) without a cast; in text, `1_000` is none."""
+    if not text:
+        return f"TRY_CAST({column} AS DOUBLE)"
+    cast = f"CASE WHEN NOT contains({column}, '_') THEN TRY_CAST({column} AS DOUBLE) END"
+    return f"CASE {column} WHEN '0' THEN 0.0 WHEN '1' THEN 1.0 ELSE {cast} END" if column.startswith("Is") else cast
 
 
 def _quote(text: object) -> str:  # a SQL string literal
@@ -160,20 +169,23 @@ def filter_subjects(boxes: Path, classes: Path, rules: FilterRules, block_bytes:
     if spill:  # made only once the inputs are known good
         spill.parent.mkdir(parents=True, exist_ok=True)
     try:
-        subjects, totals = _query(source, names, rules, memory_limit, spill)
+        subjects, totals, seconds = _query(source, names, rules, memory_limit, spill)
     except duckdb.Error as error:
         if "quoted new lines" not in str(error):
             raise
         # DuckDB's parallel CSV scanner cannot pad short lines once a quoted value holds a line break: one thread can
-        subjects, totals = _query(_source(Path(boxes), block_bytes, parallel=False), names, rules, memory_limit, spill)
+        subjects, totals, seconds = _query(_source(Path(boxes), block_bytes, parallel=False), names, rules,
+                                           memory_limit, spill)
     removed = {"invalid": sum(totals[reason] for reason in INVALID_REASONS), **{rule: totals[rule] for rule in RULE_ORDER[1:]}}
     return FilterResult(subjects.astype({name: "string" for name in SUBJECT_COLUMNS[:3]}), Funnel(
-        totals["rows"], totals["images"], removed, {reason: totals[reason] for reason in INVALID_REASONS}, len(subjects)))
+        totals["rows"], totals["images"], removed, {reason: totals[reason] for reason in INVALID_REASONS}, len(subjects)),
+        seconds)
 
 
 def _query(source: dict[str, str], names: dict[str, str], rules: FilterRules, memory_limit: str,
-           spill: Path | None) -> tuple[pd.DataFrame, dict[str, int]]:
-    """The subjects and the funnel's totals (lines DuckDB rejected counted as rows and malformed lines)."""
+           spill: Path | None) -> tuple[pd.DataFrame, dict[str, int], dict[str, float]]:
+    """The subjects, the funnel's totals (lines DuckDB rejected counted as rows and malformed lines) and the
+    seconds each statement took."""
     import duckdb
 
     mids = sorted(names)  # a class's index is its place in MID order: the smallest wins a tie
@@ -189,8 +201,12 @@ def _query(source: dict[str, str], names: dict[str, str], rules: FilterRules, me
         statements = (Path(__file__).with_name("rules") / "subject_filter.sql").read_text(encoding="utf-8").format(
             **source, **rules.model_dump(include={"max_aspect", "min_area", "max_area"}),
             human=_indices(mids, rules.human_classes), cluttered=_indices(mids, rules.cluttered_classes))
+        seconds = {}
         try:
-            connection.execute(statements)
+            for statement in duckdb.extract_statements(statements):
+                started = time.perf_counter()
+                connection.execute(statement)
+                seconds[statement.query.split("CREATE TEMP TABLE ", 1)[-1].split()[0]] = time.perf_counter() - started
         except duckdb.OutOfMemoryException as error:
             raise ValueError(f"the filter needs more memory than the limit {memory_limit!r} allows (DuckDB: "
                              f"{str(error).splitlines()[0]}); raise it with --memory-limit") from error
@@ -200,7 +216,7 @@ def _query(source: dict[str, str], names: dict[str, str], rules: FilterRules, me
         if source["malformed"] != "false":  # a CSV
             rejected = connection.execute("SELECT count(DISTINCT (scan_id, line)) FROM reject_errors").fetchone()[0]
             totals.update(rows=totals["rows"] + rejected, malformed_line=totals["malformed_line"] + rejected)
-    return subjects, totals
+    return subjects, totals, seconds
 
 
 def run_filter(config: FilterConfig) -> FilterResult:
