@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import shutil
+from contextlib import nullcontext
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -18,6 +19,8 @@ from blipdiff.datasets.build import BuildConfig, build_pairs
 from blipdiff.datasets.catalog import CatalogConfig
 from blipdiff.datasets.fetch import DEFAULT_URL_TEMPLATE, FetchConfig
 from blipdiff.datasets.openimages import RULE_ORDER, FilterConfig
+from blipdiff.flows.events import emit_pairs_built
+from blipdiff.flows.gpu import gpu_slot
 from blipdiff.infra.atomic import atomic_path
 from blipdiff.tasks.stages import build_task, catalog_task, fetch_task, filter_task
 from prefect import flow, get_run_logger
@@ -48,6 +51,10 @@ class BuildPairsParameters(BaseModel):
     shard_size: int = Field(default=256, ge=1, description="subjects per build task")
     dataset: str | None = Field(default=None, description="FiftyOne dataset of the catalog; the data folder's name if empty")
     replace_catalog: bool = Field(default=False, description="delete that dataset first, even if it catalogues another build")
+
+    def uses_gpu(self) -> bool:
+        """BLIP-2 and CLIPSeg are models (on the GPU where there is one); the template and GrabCut are not."""
+        return self.captioner != "template" or self.segmenter != "grabcut"
 
     def filter_config(self) -> FilterConfig:
         return FilterConfig(boxes=self.boxes, classes=self.classes, out=self.data / "subjects", rules=self.rules)
@@ -108,10 +115,11 @@ def build_pairs_flow(parameters: BuildPairsParameters) -> dict:
     shards = write_shards(parameters.data / "subjects" / "subjects.parquet", parameters.data / "shards",
                           parameters.shard_size)
     progress = create_progress_artifact(progress=0.0, key="build-progress", description="shards built")
-    for done, shard in enumerate(shards, start=1):
-        build_task(parameters.build_config(shard, manifests=shard.parent))
-        update_progress_artifact(progress, progress=100.0 * done / len(shards))
-        logger.info("shard %d of %d built", done, len(shards))
+    with gpu_slot("build_pairs") if parameters.uses_gpu() else nullcontext():
+        for done, shard in enumerate(shards, start=1):
+            build_task(parameters.build_config(shard, manifests=shard.parent))
+            update_progress_artifact(progress, progress=100.0 * done / len(shards))
+            logger.info("shard %d of %d built", done, len(shards))
     # Every shard is in the journal now: this writes the manifests of all of them, computing nothing.
     summary = build_pairs(parameters.build_config(parameters.data / "subjects" / "subjects.parquet"))
     catalog = catalog_task(parameters.catalog_config())
@@ -130,5 +138,7 @@ def build_pairs_flow(parameters: BuildPairsParameters) -> dict:
             f"| reject | subjects |\n| --- | ---: |\n{rejects}\n"
         ),
     )
+    # Last, once everything stands: a failed build starts no pre-training.
+    emit_pairs_built(parameters.data, summary.pairs, funnel.subjects, catalog.dataset)
     return {"subjects": funnel.subjects, "fetched": fetched.fetched, "pairs": summary.pairs,
             "rejects": sum(summary.rejects.values()), "dataset": catalog.dataset}

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from blipdiff.flows.events import emit_evaluation_finished
+from blipdiff.flows.gpu import gpu_slot
 from blipdiff.models.evaluation import EvalConfig, EvalSettings
 from blipdiff.tasks.stages import eval_task
 from prefect import flow, get_run_logger
@@ -39,9 +41,13 @@ class DreamBenchEvalParameters(EvalSettings):
 
     def model_and_step(self) -> tuple[str, int | None]:
         """The model to evaluate and its training step, resolved now."""
-        from blipdiff.models.training.pretrain import checkpoint_step, checkpoints
+        from blipdiff.models.training.pretrain import CHECKPOINTS, checkpoint_step, checkpoints
 
         if self.model is not None:
+            # A complete checkpoint of a training run (what the chain's triggers pass) keeps its step.
+            folder = Path(self.model).expanduser().resolve()
+            if folder.parent.name == CHECKPOINTS and folder in [path.resolve() for path in checkpoints(folder.parent.parent)]:
+                return self.model, checkpoint_step(folder)
             return self.model, None
         found = checkpoints(self.training_run)
         if not found:
@@ -94,7 +100,8 @@ def dreambench_eval_flow(parameters: DreamBenchEvalParameters):
     config = EvalConfig(**settings, model=model, out=parameters.eval_root / _run_name(step), checkpoint_step=step)
     logger.info("evaluating %s (step %s) into %s", model, step, config.out)
     progress = create_progress_artifact(progress=0.0, key="dreambench-progress", description="subjects done")
-    summary = eval_task(config, lambda done, total: update_progress_artifact(progress, progress=100.0 * done / total))
+    with gpu_slot("dreambench_eval"):
+        summary = eval_task(config, lambda done, total: update_progress_artifact(progress, progress=100.0 * done / total))
 
     root = parameters.eval_root
     record = history_record(summary, config.protocol(), config.out)
@@ -127,6 +134,7 @@ def dreambench_eval_flow(parameters: DreamBenchEvalParameters):
     result = {"run_id": config.run_id, "run_folder": str(config.out), "model": model, "checkpoint_step": step,
               **{m: summary["mean_over_subjects"][m] for m in ("dino", "clip_i", "clip_t")},
               "regressions": [regression.describe() for regression in found]}
+    emit_evaluation_finished(result)
     if found:
         return Failed(message="DreamBench regressed: " + "; ".join(r.describe() for r in found), data=result)
     return Completed(message="no regression", data=result)

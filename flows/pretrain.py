@@ -8,6 +8,8 @@ again with the same parameters, goes on where the last one stopped. Artifacts: t
 
 from __future__ import annotations
 
+from blipdiff.flows.events import CheckpointAnnouncer
+from blipdiff.flows.gpu import gpu_slot
 from blipdiff.models.training.pretrain import PretrainConfig
 from blipdiff.tasks.stages import pretrain_task
 from prefect import flow
@@ -21,10 +23,16 @@ def pretrain_flow(parameters: PretrainConfig) -> dict:
 
     progress = create_progress_artifact(progress=0.0, key="pretrain-progress", description="training steps done")
 
+    # Each checkpoint is announced as soon as it is complete, so its evaluation can start while training goes on.
+    announcer = CheckpointAnnouncer(parameters.out, parameters.checkpoint_every)
+
     def on_progress(record: dict) -> None:
         update_progress_artifact(progress, progress=100.0 * record["step"] / record["steps"])
+        announcer.poll()
 
-    summary = pretrain_task(parameters, on_progress)
+    with gpu_slot("pretrain"):
+        summary = pretrain_task(parameters, on_progress)
+    announcer.poll()  # the final checkpoint, written after the last progress record
     update_progress_artifact(progress, progress=100.0 * summary.step / parameters.steps)
     run = parameters.out
     curve = plot_loss_curve(run / "metrics.parquet", run / "loss.png")
