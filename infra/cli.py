@@ -658,9 +658,17 @@ def serve_command(
     = None,
     timezone: Annotated[str, typer.Option(help="Time zone of the schedules (IANA name, e.g. Europe/Paris).")] = "UTC",
     name: Annotated[str, typer.Option(help="Deployment name.")] = "blipdiff",
+    chain: Annotated[Path | None, typer.Option(
+        help="JSON file of the chain (blipdiff.flows.chain.ChainConfig): what a finished build and every K-th "
+             "checkpoint start. Without it, no triggers.")] = None,
+    work_pool: Annotated[str | None, typer.Option(
+        help="Work pool of the GPU stages (pretrain, dreambench_eval, latents, the pipeline, a BLIP-2/CLIPSeg "
+             "build), run by `prefect worker start --pool POOL` on a GPU machine; the rest is served here.")] = None,
+    gpu_slots: Annotated[int, typer.Option(min=1, help="Slots of the GPU concurrency limit blipdiff-gpu: GPU stages "
+                                                       "that may run at once.")] = 1,
 ) -> None:
-    """Serve the deployments of the flows (build_pairs, pretrain, dreambench_eval) so that the Prefect UI and
-    schedules can run them."""
+    """Serve the deployments of the flows (build_pairs, pretrain, dreambench_eval, encode_latents,
+    blip_diffusion_pipeline), with the chain's triggers, so that the Prefect UI, events and schedules run them."""
     import zoneinfo
 
     from blipdiff.infra.prefect_home import use_project_prefect_home
@@ -674,10 +682,9 @@ def serve_command(
         raise _fail("--eval-cron needs --eval-parameters: a scheduled run has no one to fill in its form")
     use_project_prefect_home(data)
 
-    from blipdiff.flows.build_pairs import BuildPairsParameters, build_pairs_flow
-    from blipdiff.flows.dreambench_eval import DreamBenchEvalParameters, dreambench_eval_flow
-    from blipdiff.flows.pretrain import pretrain_flow
-    from prefect import serve
+    from blipdiff.flows.build_pairs import BuildPairsParameters
+    from blipdiff.flows.dreambench_eval import DreamBenchEvalParameters
+    from blipdiff.flows.deployments import read_chain, serve_chain
     from prefect.schedules import Cron
 
     def defaults(path: Path | None, model) -> dict | None:
@@ -688,15 +695,19 @@ def serve_command(
         except (OSError, ValidationError) as error:
             raise _fail(f"cannot use {path}: {error}") from error
 
-    def schedules(expression: str | None) -> list:
-        return [Cron(expression, timezone=timezone)] if expression else []
+    def schedule(expression: str | None):
+        return Cron(expression, timezone=timezone) if expression else None
 
     build_defaults, eval_defaults = defaults(parameters, BuildPairsParameters), defaults(eval_parameters,
                                                                                           DreamBenchEvalParameters)
-    # Pre-training has no defaults to give: its form asks for the pairs, the starting checkpoint and the run folder.
-    serve(build_pairs_flow.to_deployment(name=name, parameters=build_defaults, schedules=schedules(cron)),
-          pretrain_flow.to_deployment(name=name),
-          dreambench_eval_flow.to_deployment(name=name, parameters=eval_defaults, schedules=schedules(eval_cron)))
+    try:
+        chained = read_chain(chain)
+    except (OSError, ValidationError) as error:
+        raise _fail(f"cannot use {chain}: {error}") from error
+    # Pre-training has no defaults to give: its form asks for the pairs, the starting checkpoint and the run folder
+    # (the chain's trigger fills them in from the build).
+    serve_chain(name, chained, gpu_slots, work_pool, build_defaults=build_defaults, cron=schedule(cron),
+                eval_defaults=eval_defaults, eval_cron=schedule(eval_cron))
 
 
 @app.command("pin-baseline")

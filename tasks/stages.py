@@ -12,6 +12,7 @@ from typing import Any
 from blipdiff.datasets.build import BuildConfig, BuildSummary, build_pairs
 from blipdiff.datasets.catalog import CatalogConfig, CatalogSummary, catalog_pairs
 from blipdiff.datasets.fetch import FetchConfig, FetchSummary, fetch_images
+from blipdiff.datasets.latents import EncodeLatentsConfig, LatentSummary
 from blipdiff.datasets.openimages import FilterConfig, Funnel, run_filter
 from blipdiff.models.evaluation import EvalConfig
 from blipdiff.models.training.pretrain import PretrainConfig
@@ -105,3 +106,13 @@ def eval_task(config: EvalConfig, on_progress: Callable[[int, int], None] | None
     from blipdiff.models.evaluation import run_eval
 
     return run_eval(config, progress=on_progress)
+
+
+# Not cached: the latents folder is its own cache (a file per pair, written atomically), so a rerun encodes
+# only what is missing.
+@task(name="encode latents", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=30,
+      retry_condition_fn=_not_bad_input)
+def latents_task(config: EncodeLatentsConfig, on_progress: Callable[[int, int], None] | None = None) -> LatentSummary:
+    from blipdiff.datasets.latents import encode_latents
+
+    return encode_latents(config, progress=on_progress)
