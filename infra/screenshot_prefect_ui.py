@@ -1,11 +1,14 @@
-"""Screenshots of the Prefect UI: blipdiff's deployments, a completed build_pairs run and a dreambench_eval run.
+"""Screenshots of the Prefect UI: blipdiff's deployments, a completed build_pairs run, a dreambench_eval run,
+the chain's triggers on the Automations page, and one chain of runs.
 
     python infra/screenshot_prefect_ui.py [--data /tmp/blipdiff-ui] [--port 4311]
 
 Starts `blipdiff server` on 127.0.0.1, serves the deployments with `blipdiff serve` (dreambench_eval on a
-nightly schedule, Europe/Paris), runs the demo against that server, then has headless Chromium (Debian's
-`chromium`) capture into docs/img/ the deployments page, the completed build_pairs run and the markdown
-artifact of the completed dreambench_eval run (its trend table and plot). Everything it starts, it stops.
+nightly schedule, Europe/Paris), runs the demo against that server (the demo serves its chain, whose
+triggers start the pre-training and the two evaluations), then has headless Chromium (Debian's
+`chromium`) capture into docs/img/ the deployments page, the completed build_pairs run, the markdown
+artifact of the latest dreambench_eval run (its trend table and plot), the Automations page and the runs
+page with the chain. Everything it starts, it stops.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ def write_eval_parameters(data: Path) -> Path:
     """The nightly dreambench_eval's defaults: the demo's run and benchmark (serving needs no path to exist)."""
     demo = data / "demo"
     parameters = DreamBenchEvalParameters(
-        training_run=demo / "pretrain", eval_root=demo / "evals", dreambench=demo / "sample" / "dreambench",
+        training_run=demo / "runs" / "demo", eval_root=demo / "evals", dreambench=demo / "sample" / "dreambench",
         prompts=3, images_per_prompt=2, steps=10, resolution=32, dino=str(demo / "models" / "dino"),
         clip=str(demo / "models" / "clip"))
     target = data / "nightly-eval.json"
@@ -87,12 +90,11 @@ def main() -> None:
                                          "--eval-cron", "0 2 * * *", "--timezone", "Europe/Paris"],
                                         env=environment, start_new_session=True, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.DEVNULL))
-        # Twice, as two nights would: the second evaluation has a trend of two runs and per-subject deltas.
-        for _ in range(2):
-            demo = subprocess.run([str(BLIPDIFF), "demo", "--out", str(args.data / "demo")], env=environment,
-                                  capture_output=True, text=True, timeout=900)
-            if demo.returncode != 0:
-                sys.exit(f"the demo failed:\n{demo.stderr[-3000:]}")
+        # Once: the chain evaluates both checkpoints, so the second evaluation has a trend of two runs.
+        demo = subprocess.run([str(BLIPDIFF), "demo", "--out", str(args.data / "demo")], env=environment,
+                              capture_output=True, text=True, timeout=900)
+        if demo.returncode != 0:
+            sys.exit(f"the demo failed:\n{demo.stderr[-3000:]}")
         build_pairs = latest_completed_run(api, "build_pairs")
         evaluation = artifact_id(api, latest_completed_run(api, "dreambench_eval"), "dreambench-eval")
         IMAGES.mkdir(parents=True, exist_ok=True)
@@ -103,6 +105,8 @@ def main() -> None:
         # it belongs to. Tall enough for the trend table, the plot and the per-subject deltas.
         screenshot(chromium, f"{base}/artifacts/artifact/{evaluation}", IMAGES / "prefect-dreambench-eval-run.png",
                    size="1440,1200")
+        screenshot(chromium, f"{base}/automations", IMAGES / "prefect-automations.png", size="1440,700")
+        screenshot(chromium, f"{base}/runs", IMAGES / "prefect-chain-runs.png", size="1440,1100")
     finally:
         for process in reversed(started):
             os.killpg(process.pid, signal.SIGTERM)

@@ -129,16 +129,20 @@ def test_demo_runs_the_whole_chain_on_the_bundled_sample(fiftyone_database, tmp_
     assert sorted(catalog.values("label")) == ["Cat", "Coffee cup", "Horse"]
     assert sorted(catalog.group_slices) == ["alpha", "composite", "input", "target", "trimap"]
 
-    # Then a short pre-training of a random model and a DreamBench evaluation of its newest checkpoint.
+    # The build's event started a short pre-training of a random model, and each of its two checkpoints an
+    # evaluation, through the chain's triggers.
     from blipdiff.models.evaluation_history import read_history
 
     assert "RANDOM WEIGHTS" in done.stdout and "blipdiff eval --model Salesforce/blipdiffusion" in done.stdout
-    assert (demo / "pretrain" / "checkpoints" / "step-0000006" / "model_index.json").is_file()
-    [evaluation] = read_history(demo / "evals")
-    assert evaluation["checkpoint_step"] == 6 and evaluation["images"] == 3 * 3 * 2
-    assert (demo / "evals" / evaluation["run_id"] / "report.md").is_file()
+    assert "started by the trigger" in done.stdout and "Watch the chain in the Prefect UI" in done.stdout
+    run = demo / "runs" / "demo"
+    assert (run / "checkpoints" / "step-0000006" / "model_index.json").is_file()
+    evaluations = read_history(demo / "evals")
+    assert sorted(row["checkpoint_step"] for row in evaluations) == [3, 6]
+    assert all(row["images"] == 3 * 3 * 2 for row in evaluations)
+    assert all((demo / "evals" / row["run_id"] / "report.md").is_file() for row in evaluations)
     generations = fo.load_dataset("blipdiff-demo-dreambench")
-    assert len(generations.match_tags("generated")) == 18 and len(generations.match_tags("reference")) == 9
+    assert len(generations.match_tags("generated")) == 2 * 18 and len(generations.match_tags("reference")) == 9
 
 
 def test_serve_refuses_a_schedule_it_cannot_run(tmp_path):
