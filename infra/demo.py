@@ -26,7 +26,8 @@ RELEASED = """With the released weights (downloaded once from the Hugging Face h
   blipdiff pretrain --pairs DATA --init Salesforce/blipdiffusion --out runs/stage2 [--reset-from-sd runwayml/stable-diffusion-v1-5]
   blipdiff eval --model Salesforce/blipdiffusion --dreambench dreambooth/dataset --out evals/zero-shot
   blipdiff eval --model Salesforce/blipdiffusion --dreambench dreambooth/dataset --out evals/finetuned --mode finetuned
-  blipdiff serve --eval-parameters nightly.json --eval-cron "0 2 * * *" --timezone Europe/Paris"""
+  blipdiff serve --eval-parameters nightly.json --eval-cron "0 2 * * *" --timezone Europe/Paris
+  blipdiff serve --chain chain.json [--work-pool gpu]   (the chain: a build starts pretrain, its K-th checkpoints an evaluation)"""
 
 
 def random_models(folder: Path) -> dict[str, Path]:
