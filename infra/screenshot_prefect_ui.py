@@ -105,7 +105,9 @@ def main() -> None:
         # it belongs to. Tall enough for the trend table, the plot and the per-subject deltas.
         screenshot(chromium, f"{base}/artifacts/artifact/{evaluation}", IMAGES / "prefect-dreambench-eval-run.png",
                    size="1440,1200")
-        screenshot(chromium, f"{base}/automations", IMAGES / "prefect-automations.png", size="1440,700")
+        # The automations list renders after its own requests: a longer virtual-time budget.
+        screenshot(chromium, f"{base}/automations", IMAGES / "prefect-automations.png", size="1440,700",
+                   budget_ms=60000)
         screenshot(chromium, f"{base}/runs", IMAGES / "prefect-chain-runs.png", size="1440,1100")
     finally:
         for process in reversed(started):
