@@ -190,7 +190,7 @@ def _chain_served(out: Path, chain_file: Path, log: Callable[[str], None]):
     with open(serve_log, "ab") as sink, temporary_settings({PREFECT_API_URL: api}):
         process = subprocess.Popen([sys.executable, "-m", "blipdiff.infra.cli", "serve", "--data", str(out),
                                     "--name", "demo", "--chain", str(chain_file)],
-                                   env=environment, stdout=sink, stderr=sink, start_new_session=True)
+                                   env=environment, stdout=sink, stderr=sink, preexec_fn=_own_group_ending_with_parent)
         log(f"blipdiff serve --chain {chain_file} (pid {process.pid}; its log: {serve_log.resolve()})")
         served = _Served(process, how)
         try:
@@ -203,6 +203,18 @@ def _chain_served(out: Path, chain_file: Path, log: Callable[[str], None]):
             process.wait(timeout=120)
             if server is not None:
                 server.stop()
+
+
+def _own_group_ending_with_parent() -> None:
+    """In the child before it runs: a process group of its own (so the end stops its runs too), and a SIGTERM
+    when the demo dies, even by SIGKILL, so no served chain outlives it."""
+    import ctypes
+    import os
+    import signal
+
+    os.setsid()
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _deployed(*names: str) -> bool:

@@ -17,8 +17,8 @@ from blipdiff.datasets.openimages import SUBJECT_COLUMNS, read_subjects
 BLIPDIFF = Path(sys.executable).parent / "blipdiff"
 
 
-def blipdiff(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BLIPDIFF), *args], capture_output=True, text=True, cwd=cwd, timeout=300, env=env)
+def blipdiff(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BLIPDIFF), *args], capture_output=True, text=True, cwd=cwd, timeout=timeout, env=env)
 
 
 def test_help_lists_the_commands_without_importing_heavy_libraries():
@@ -108,7 +108,8 @@ def test_demo_runs_the_whole_chain_on_the_bundled_sample(fiftyone_database, tmp_
     elsewhere.info = {"pairs_folder": "/another/checkout/blipdiff-demo"}
     elsewhere.save()
     environment = {k: v for k, v in os.environ.items() if k not in ("PREFECT_HOME", "PREFECT_API_URL")}
-    done = blipdiff("demo", "--out", str(tmp_path / "demo"), env=environment)
+    # The chain starts a server, `blipdiff serve` and a process per run: about 5.5 minutes on a busy 2-core machine.
+    done = blipdiff("demo", "--out", str(tmp_path / "demo"), env=environment, timeout=900)
     assert done.returncode == 0, done.stderr
     demo = tmp_path / "demo"
     subjects = read_subjects(demo / "subjects" / "subjects.parquet")
