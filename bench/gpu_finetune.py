@@ -295,7 +295,7 @@ def main() -> None:
 
     import torch
 
-    from blipdiff.datasets.decode import IMAGE_SUFFIXES
+    from blipdiff.infra.images import IMAGE_SUFFIXES
     from blipdiff.models.blip_diffusion import checkpoint
     from blipdiff.models.training.learning_rate import DEFAULT_LR
 

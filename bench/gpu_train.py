@@ -86,7 +86,7 @@ def dreambench_pairs(photos: Path, folder: Path, limit: int | None) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from blipdiff.datasets.decode import IMAGE_SUFFIXES
+    from blipdiff.infra.images import IMAGE_SUFFIXES
 
     rows = []
     for subject in sorted(path for path in photos.iterdir() if path.is_dir()):

@@ -26,7 +26,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from blipdiff.datasets.compose import background_for, list_backgrounds
-from blipdiff.datasets.decode import DEFAULT_MAX_PIXELS, MAX_DECODABLE_PIXELS, DecodeFailure, decode_image
 from blipdiff.datasets.matting import (
     TRIMAP_UNKNOWN,
     MattingConfig,
@@ -39,6 +38,7 @@ from blipdiff.datasets.matting import (
 )
 from blipdiff.datasets.subjects import read_subjects
 from blipdiff.infra.atomic import atomic_path, remove_stale_temporaries, write_json_atomic
+from blipdiff.infra.images import DEFAULT_MAX_PIXELS, MAX_DECODABLE_PIXELS, DecodeFailure, decode_image
 from blipdiff.infra.journal import JOURNAL_NAME, Journal
 from blipdiff.infra.ray_cluster import connect_ray
 from blipdiff.models import DEFAULT_BLIP2, DEFAULT_CLIPSEG

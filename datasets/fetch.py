@@ -34,14 +34,14 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from blipdiff.datasets.decode import (
+from blipdiff.infra.atomic import atomic_path, remove_stale_temporaries
+from blipdiff.infra.images import (
     DEFAULT_MAX_PIXELS,
     IMAGE_SUFFIXES,
     MAX_DECODABLE_PIXELS,
     DecodeFailure,
     inspect_image,
 )
-from blipdiff.infra.atomic import atomic_path, remove_stale_temporaries
 from blipdiff.infra.journal import JOURNAL_NAME, Journal
 
 IMAGE_ID_PATTERN = re.compile(r"^[0-9a-f]{16}\Z")

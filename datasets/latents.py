@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
 from blipdiff.infra.atomic import atomic_path, remove_stale_temporaries, write_json_atomic
-from blipdiff.models.inputs import BuildFolder, ImageSide, model_location
+from blipdiff.infra.inputs import BuildFolder, ImageSide, model_location
 from blipdiff.models.devices import resolve_device
 
 LATENTS_FOLDER = "latents"

@@ -43,7 +43,7 @@ from blipdiff.infra.atomic import atomic_path, remove_stale_temporaries, write_j
 from blipdiff.infra.journal import Journal
 from blipdiff.models import DEFAULT_CLIP, DEFAULT_DINO
 from blipdiff.models.devices import DTYPE_HELP, DType, resolve_device, torch_dtype
-from blipdiff.models.inputs import Identifier, ImageSide, model_location, readable_image
+from blipdiff.infra.inputs import Identifier, ImageSide, model_location, readable_image
 from blipdiff.models.scoring import METRICS, summarize
 
 SETTINGS_FILE = "eval.json"

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from blipdiff.infra.atomic import atomic_path, remove_stale_temporaries, write_json_atomic
 from blipdiff.models.devices import AUTO, DEVICE_HELP, DTYPE_HELP, DType, resolve_placement
 from blipdiff.models.generation import RUN_FILE, SCHEDULERS, check_run_folder
-from blipdiff.models.inputs import ImageSide, SubjectText, model_location, readable_image
+from blipdiff.infra.inputs import ImageSide, SubjectText, model_location, readable_image
 
 MANIFEST = "interpolation.parquet"
 

@@ -46,7 +46,7 @@ from blipdiff.infra.atomic import TEMP_PREFIX, atomic_folder, atomic_path, write
 from blipdiff.models.dreambooth import (LORA_WEIGHTS, RECORD_FILE, TEXT_ENCODER_FOLDER, TEXT_ENCODER_LORA,
                                         TEXT_LORA_TARGETS, UNET_FOLDER, UNET_LORA, UNET_LORA_TARGETS, class_prompt,
                                         instance_prompt)
-from blipdiff.models.inputs import Identifier, ImageSide, SubjectText, find_photos, model_location
+from blipdiff.infra.inputs import Identifier, ImageSide, SubjectText, find_photos, model_location
 from blipdiff.models.training.learning_rate import fill_default_lr
 from blipdiff.models.devices import AUTO, resolve_device, torch_dtype
 

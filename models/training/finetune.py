@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 from blipdiff.infra.atomic import atomic_folder
 from blipdiff.models.blip_diffusion.subject_checkpoint import (EMBEDDING_FILE, LORA_FOLDER, LORA_TARGETS, LORA_WEIGHTS,
                                                                SUBJECT_FILE, UNET_FOLDER)
-from blipdiff.models.inputs import ImageSide, SubjectText, find_photos, model_location
+from blipdiff.infra.inputs import ImageSide, SubjectText, find_photos, model_location
 from blipdiff.models.training.learning_rate import fill_default_lr
 from blipdiff.models.training.optimizer import adamw
 from blipdiff.models.devices import AUTO, DEVICE_HELP, resolve_device

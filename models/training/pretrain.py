@@ -32,7 +32,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from blipdiff.infra.atomic import TEMP_PREFIX, atomic_folder, atomic_path, write_json_atomic
-from blipdiff.models.inputs import BuildFolder, ImageSide, model_location
+from blipdiff.infra.inputs import BuildFolder, ImageSide, model_location
 
 SETTINGS_FILE = "pretrain.json"
 CHECKPOINTS = "checkpoints"

@@ -1,4 +1,5 @@
-"""Decode image files safely: the content decides the format; what cannot be trusted is a reason."""
+"""Image files and boxes: decode safely (the content decides the format; what cannot be trusted is a
+reason), and the box geometry that segmentation and matting share."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ MAX_DECODABLE_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 EXIF_ORIENTATION = 0x0112
 _HTML_STARTS = (b"<!doctype html", b"<html", b"<?xml", b"<head", b"<body")
+# x_min, x_max, y_min, y_max, normalised to [0, 1], as in Open Images.
+Box = tuple[float, float, float, float]
 
 
 class DecodeFailure(ValueError):
@@ -98,3 +101,21 @@ def _to_rgb8(image: Image.Image) -> np.ndarray:
     if image.mode != "RGB":
         image = image.convert("RGB")
     return np.asarray(image, dtype=np.uint8).copy()
+
+
+def box_in_pixels(box: Box, width: int, height: int) -> tuple[int, int, int, int]:
+    """Normalised (x_min, x_max, y_min, y_max) → pixel (x0, y0, x1, y1), half-open, at least 1 px."""
+    x_min, x_max, y_min, y_max = box
+    x0 = int(np.clip(np.floor(x_min * width), 0, width - 1))
+    y0 = int(np.clip(np.floor(y_min * height), 0, height - 1))
+    x1 = int(np.clip(np.ceil(x_max * width), x0 + 1, width))
+    y1 = int(np.clip(np.ceil(y_max * height), y0 + 1, height))
+    return x0, y0, x1, y1
+
+
+def working_size(width: int, height: int, long_side: int | None) -> tuple[int, int]:
+    """(width, height) scaled down so the long side is at most ``long_side``; unchanged when None."""
+    if long_side is None or max(width, height) <= long_side:
+        return width, height
+    scale = long_side / max(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))

@@ -1,4 +1,4 @@
-"""Checks and normal forms of the inputs that the model commands share (generate, finetune, pretrain), for their
+"""Checks and normal forms of the inputs that the commands share (generate, finetune, pretrain, latents), for their
 configuration models: each raises ValueError with the message the command line shows."""
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def readable_image(path: Path) -> None:
 def find_photos(paths: list[Path]) -> list[Path]:
     """Every photo that ``paths`` names, folders expanded (their image files, sorted); an error names what
     is missing or unreadable, or says that there are none."""
-    from blipdiff.datasets.decode import IMAGE_SUFFIXES
+    from blipdiff.infra.images import IMAGE_SUFFIXES
 
     photos: list[Path] = []
     for path in paths:
