@@ -83,7 +83,7 @@ def dreambench_eval_flow(parameters: DreamBenchEvalParameters):
     """Evaluate a model (or a training run's newest checkpoint) on DreamBench; fail on a regression."""
     from prefect.states import Completed, Failed
 
-    from blipdiff.infra.report import inline_png
+    from blipdiff.flows.artifacts import inline_png
     from blipdiff.models.evaluation_history import (append_run, baseline_run, comparable, history_record,
                                                     previous_comparable, read_history, regressions)
     from blipdiff.models.evaluation_report import PAPER_MEANS, plot_trend

@@ -17,7 +17,7 @@ from prefect.artifacts import create_markdown_artifact, create_progress_artifact
 @flow(name="pretrain", log_prints=True)
 def pretrain_flow(parameters: PretrainConfig) -> dict:
     """Pre-train BLIP-Diffusion on built pairs (resuming the run folder's newest checkpoint)."""
-    from blipdiff.infra.report import inline_png, plot_loss_curve
+    from blipdiff.flows.artifacts import inline_png, plot_loss_curve
 
     progress = create_progress_artifact(progress=0.0, key="pretrain-progress", description="training steps done")
 
