@@ -113,7 +113,7 @@ def interpolate_command(
     out: Annotated[Path, typer.Option(help="Folder for the cells, grid.png and interpolation.parquet.")],
     target_subject: Annotated[str | None, typer.Option(
         help="Category written into the prompt (default: the first --subject).")] = None,
-    cells: Annotated[int, typer.Option("--cells", "--steps", help="Cells along a side.")] = 5,
+    steps: Annotated[int, typer.Option(help="Cells along a side.")] = 5,
     negative_prompt: Annotated[str, typer.Option(help="Negative prompt (classifier-free guidance).")] = "",
     denoising_steps: Annotated[int, typer.Option(help="Denoising steps per cell.")] = 50,
     guidance: Annotated[float, typer.Option(help="Guidance scale.")] = 7.5,
@@ -128,7 +128,7 @@ def interpolate_command(
     from blipdiff.tasks.interpolate import InterpolateConfig, interpolate
 
     config = config_from(InterpolateConfig, model=model, images=image, subjects=subject,
-                                        target_subject=target_subject or subject[0], prompt=prompt, out=out, cells=cells,
+                                        target_subject=target_subject or subject[0], prompt=prompt, out=out, steps=steps,
                                         negative_prompt=negative_prompt, steps=denoising_steps,
                                         guidance=guidance, seed=seed, height=height, width=width, scheduler=scheduler,
                                         dtype=dtype, device=device)
