@@ -20,8 +20,9 @@ import cv2
 import numpy as np
 import pymatting
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel
 
+from blipdiff.datasets.configs import MattingConfig, TrimapConfig
 from blipdiff.infra.atomic import atomic_path
 from blipdiff.infra.images import IMAGE_SUFFIXES, Box, DecodeFailure, box_in_pixels, decode_image, working_size
 
@@ -38,43 +39,6 @@ COARSE_START_MIN_UNKNOWN = 20_000
 
 class MattingError(ValueError):
     """A trimap or image that no matte can be pulled from, with the reason."""
-
-
-class TrimapConfig(BaseModel):
-    """How a subject probability map becomes a trimap (background 0, unknown 128, foreground 255)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    high: float = Field(default=0.5, gt=0, le=1, description="probability at or above: foreground")
-    low: float = Field(default=0.25, ge=0, lt=1, description="probability below: background")
-    band: float = Field(
-        default=0.02, ge=0, description="unknown band on each side of the edge, as a fraction of the box's long side"
-    )
-    min_band_px: int = Field(default=2, ge=1, description="narrowest unknown band, in pixels")
-    max_outside_box: float = Field(
-        default=0.5, ge=0, le=1, description="reject when more of the foreground than this lies outside the box"
-    )
-
-    @model_validator(mode="after")
-    def _ordered(self) -> TrimapConfig:
-        if self.low > self.high:
-            raise ValueError(f"trimap low threshold {self.low} exceeds high threshold {self.high}")
-        return self
-
-
-class MattingConfig(BaseModel):
-    """Closed-form matting settings; the defaults are the measured ones."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    working_long_side: int | None = Field(
-        default=512, gt=16, description="solve at this long side, then bring back to image resolution; None: full"
-    )
-    epsilon: float = Field(default=1e-7, gt=0, description="regularisation of the matting Laplacian")
-    radius: int = Field(default=1, ge=1, description="window radius of the matting Laplacian")
-    discard_threshold: float = Field(default=1e-2, gt=0, description="incomplete Cholesky drop tolerance")
-    rtol: float = Field(default=3e-4, gt=0, description="relative residual at which conjugate gradients stop")
-    coarse_start: bool = Field(default=True, description="start from a half-resolution solution")
 
 
 def make_trimap(probabilities: np.ndarray, box_px: tuple[int, int, int, int], config: TrimapConfig) -> np.ndarray:

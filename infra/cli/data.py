@@ -6,119 +6,61 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from blipdiff.infra.cli.common import fail
-from blipdiff.models import DEFAULT_BLIP2, DEFAULT_CLIPSEG
-from blipdiff.models.devices import AUTO, DEVICE_HELP
+from blipdiff.datasets.configs import BuildConfig, CatalogConfig, FetchConfig, FilterConfig
+from blipdiff.infra.cli.common import Opt, fail, options_from
+from blipdiff.models import DEFAULT_CLIPSEG
 
 
-def filter_command(
-    boxes: Annotated[Path, typer.Option(help="Open Images box annotations (.csv, .csv.gz or .parquet).")],
-    classes: Annotated[Path, typer.Option(help="Class descriptions: `MID,Name`, no header.")],
-    out: Annotated[Path, typer.Option(help="Folder for subjects.parquet and funnel.json.")],
-    rules: Annotated[
-        Path | None, typer.Option(help="Rules TOML replacing the paper's thresholds and class lists.")
-    ] = None,
-    memory_limit: Annotated[
-        str | None,
-        typer.Option(help="DuckDB's memory limit (e.g. 400MB, 2GB; the filter's own when absent); it spills into OUT."),
-    ] = None,
-) -> None:
+@options_from(FilterConfig, "boxes", "classes", "out", "rules", "memory_limit")
+def filter_command(**fields) -> None:
     """Choose one subject per image by the paper's rules (appendix A.4)."""
-    from blipdiff.datasets.openimages import FilterConfig, run_filter
+    from blipdiff.datasets.openimages import run_filter
     from blipdiff.infra.cli.report import print_funnel
     from pydantic import ValidationError
 
     try:
-        limit = {"memory_limit": memory_limit} if memory_limit else {}
-        config = FilterConfig(boxes=boxes, classes=classes, out=out, rules=rules, **limit)
+        config = FilterConfig(**fields)
         result = run_filter(config)
     except (ValueError, FileNotFoundError, ValidationError) as error:
         raise fail(str(error)) from error
     print_funnel(result.funnel)
-    typer.echo(f"{result.funnel.subjects} subjects -> {out / 'subjects.parquet'}")
+    typer.echo(f"{result.funnel.subjects} subjects -> {config.out / 'subjects.parquet'}")
 
 
-def fetch_command(
-    subjects: Annotated[Path, typer.Option(help="Parquet with an image_id column (the filter's subjects.parquet).")],
-    out: Annotated[Path, typer.Option(help="Image folder: images/, images.parquet, rejects.parquet.")],
-    url_template: Annotated[
-        str | None,
-        typer.Option(help="URL with {image_id} and {split}. [default: the official Open Images location]"),
-    ] = None,
-    split: Annotated[str, typer.Option(help="Open Images split that fills {split}.")] = "train",
-    images_csv: Annotated[
-        Path | None, typer.Option(help="The dataset's images CSV: download its OriginalURL (md5-checked).")
-    ] = None,
-    thumbnails: Annotated[bool, typer.Option(help="With --images-csv: Thumbnail300KURL instead.")] = False,
-    from_dir: Annotated[Path | None, typer.Option(help="Ingest {image_id}.<ext> files from this folder.")] = None,
-    timeout: Annotated[float, typer.Option(help="Seconds to connect and between bytes.")] = 30.0,
-    retries: Annotated[int, typer.Option(help="Retries after a 5xx, a timeout or a broken connection.")] = 3,
-    backoff: Annotated[float, typer.Option(help="Seconds before the first retry, doubled each time.")] = 1.0,
-    workers: Annotated[int, typer.Option(help="Downloads in flight (per Ray task on a cluster).")] = 16,
-    ray: Annotated[
-        bool | None, typer.Option("--ray/--no-ray", help="Fan out through Ray (default: when RAY_ADDRESS is set).")
-    ] = None,
-) -> None:
+@options_from(FetchConfig, "subjects", "out", "url_template", "split", "images_csv", "thumbnails", "from_dir", "timeout",
+              "retries", "backoff", "workers", Opt("ray", "--ray/--no-ray"))
+def fetch_command(**fields) -> None:
     """Fetch the subjects' images into one verified, sharded folder; reruns resume."""
-    from blipdiff.datasets.fetch import FetchConfig, fetch_images
+    from blipdiff.datasets.fetch import fetch_images
     from blipdiff.infra.cli.report import print_fetch_summary, run_with_progress
     from pydantic import ValidationError
 
     try:
-        config = FetchConfig(
-            subjects=subjects, out=out, split=split, images_csv=images_csv, thumbnails=thumbnails,
-            from_dir=from_dir, timeout=timeout, retries=retries, backoff=backoff, workers=workers, ray=ray,
-            **({"url_template": url_template} if url_template is not None else {}),
-        )
+        config = FetchConfig(**fields)
         summary = run_with_progress("fetch", lambda progress: fetch_images(config, progress=progress))
     except (ValueError, FileNotFoundError, ValidationError) as error:
         raise fail(str(error)) from error
     print_fetch_summary(summary)
-    typer.echo(f"manifest -> {out / 'images.parquet'}; rejects -> {out / 'rejects.parquet'}")
+    typer.echo(f"manifest -> {config.out / 'images.parquet'}; rejects -> {config.out / 'rejects.parquet'}")
 
 
-def build_command(
-    subjects: Annotated[Path, typer.Option(help="The filter's subjects.parquet.")],
-    images: Annotated[Path, typer.Option(help="A fetch output folder, or a folder of {image_id}.jpg.")],
-    backgrounds: Annotated[Path, typer.Option(help="Folder of background photos.")],
-    out: Annotated[Path, typer.Option(help="Output folder: pairs.parquet, rejects.parquet, image files.")],
-    captioner: Annotated[str, typer.Option(help="template (weight-free) or blip2.")] = "template",
-    caption_model: Annotated[str, typer.Option(help="BLIP-2 hub id or local folder.")] = DEFAULT_BLIP2,
-    clip_model: Annotated[str | None, typer.Option(help="CLIP hub id or folder that ranks sampled captions.")] = None,
-    num_captions: Annotated[int, typer.Option(help="Captions sampled per image (the authors: 48).")] = 1,
-    segmenter: Annotated[str, typer.Option(help="grabcut (weight-free) or clipseg.")] = "grabcut",
-    segment_model: Annotated[str, typer.Option(help="CLIPSeg hub id or local folder.")] = DEFAULT_CLIPSEG,
-    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = AUTO,
-    actors: Annotated[int, typer.Option(help="Actors per model stage.")] = 1,
-    gpus_per_actor: Annotated[float, typer.Option(help="GPUs per model actor.")] = 0.0,
-    batch_size: Annotated[int, typer.Option(help="Images per model call.")] = 8,
-    seed: Annotated[int, typer.Option(help="Seed of the background draws.")] = 0,
-    trimap_high: Annotated[float, typer.Option(help="Subject probability at or above: foreground.")] = 0.5,
-    trimap_low: Annotated[float, typer.Option(help="Subject probability below: background.")] = 0.25,
-    trimap_band: Annotated[
-        float, typer.Option(help="Unknown band on each side of the edge, as a fraction of the box's long side.")
-    ] = 0.02,
-    working_long_side: Annotated[int, typer.Option(help="Long side at which the matte is solved.")] = 512,
-) -> None:
+@options_from(BuildConfig, "subjects", "images", "backgrounds", "out", "captioner", "caption_model", "clip_model",
+              "num_captions", "segmenter", "segment_model", "device", "actors", "gpus_per_actor",
+              Opt("model_batch_size", "--batch-size"), "seed", "trimap.high", "trimap.low", "trimap.band",
+              Opt("matting.working_long_side", "--working-long-side"))
+def build_command(**fields) -> None:
     """Build the synthetic training pairs: caption, segment, trimap, matte, composite."""
-    from blipdiff.datasets.build import BuildConfig, build_pairs
+    from blipdiff.datasets.build import build_pairs
     from blipdiff.infra.cli.report import print_build_summary, run_with_progress
     from pydantic import ValidationError
 
     try:
-        config = BuildConfig(
-            subjects=subjects, images=images, backgrounds=backgrounds, out=out, captioner=captioner,
-            caption_model=caption_model, clip_model=clip_model, num_captions=num_captions, segmenter=segmenter,
-            segment_model=segment_model, device=device, actors=actors, gpus_per_actor=gpus_per_actor,
-            model_batch_size=batch_size, seed=seed,
-            trimap={"high": trimap_high, "low": trimap_low, "band": trimap_band},
-            matting={"working_long_side": working_long_side},
-        )
+        config = BuildConfig(**fields)
         summary = run_with_progress("build", lambda progress: build_pairs(config, progress=progress))
     except (ValueError, FileNotFoundError, ValidationError) as error:
         raise fail(str(error)) from error
     print_build_summary(summary)
-    typer.echo(f"pairs -> {out / 'pairs.parquet'}; rejects -> {out / 'rejects.parquet'}")
+    typer.echo(f"pairs -> {config.out / 'pairs.parquet'}; rejects -> {config.out / 'rejects.parquet'}")
 
 
 def matte_command(
@@ -160,19 +102,15 @@ def matte_command(
         raise typer.Exit(code=1)
 
 
-def catalog_command(
-    pairs: Annotated[Path, typer.Option(help="Build folder: pairs.parquet, rejects.parquet and the pairs' images.")],
-    dataset: Annotated[str, typer.Option(help="FiftyOne dataset name.")],
-    replace: Annotated[bool, typer.Option(help="Delete the dataset first, even if it catalogues another build.")]
-    = False,
-) -> None:
+@options_from(CatalogConfig, "pairs", "dataset", "replace")
+def catalog_command(**fields) -> None:
     """Catalogue every pair (and every rejected subject) in a grouped FiftyOne dataset."""
-    from blipdiff.datasets.catalog import CatalogConfig, CatalogError, catalog_pairs
+    from blipdiff.datasets.catalog import CatalogError, catalog_pairs
     from blipdiff.infra.cli.report import print_catalog_summary
     from pydantic import ValidationError
 
     try:
-        summary = catalog_pairs(CatalogConfig(pairs=pairs, dataset=dataset, replace=replace))
+        summary = catalog_pairs(CatalogConfig(**fields))
     except (CatalogError, ValidationError, OSError) as error:
         raise fail(str(error)) from error
     print_catalog_summary(summary)
