@@ -1,6 +1,6 @@
 """Screenshots of the Prefect UI: blipdiff's deployments, a completed build_pairs run and a dreambench_eval run.
 
-    python infra/screenshot_prefect_ui.py [--data /tmp/blipdiff-ui] [--port 4311]
+    python infra/tools/screenshot_prefect_ui.py [--data /tmp/blipdiff-ui] [--port 4311]
 
 Starts `blipdiff server` on 127.0.0.1, serves the deployments with `blipdiff serve` (dreambench_eval on a
 nightly schedule, Europe/Paris), runs the demo against that server, then has headless Chromium (Debian's
@@ -21,7 +21,7 @@ import urllib.request
 from pathlib import Path
 
 from blipdiff.flows.dreambench_eval import DreamBenchEvalParameters
-from blipdiff.infra.screenshots import IMAGES, find_chromium, screenshot, wait_for
+from blipdiff.infra.tools.screenshots import IMAGES, find_chromium, screenshot, wait_for
 
 BLIPDIFF = Path(sys.executable).parent / "blipdiff"
 

@@ -1,6 +1,6 @@
 """The README's figures for controlled generation and editing, made by the commands themselves.
 
-    python infra/readme_figures.py [--work /tmp/blipdiff-figures] [--size 160]
+    python infra/tools/readme_figures.py [--work /tmp/blipdiff-figures] [--size 160]
 
 Builds a small random BLIP-Diffusion with a ControlNet (the layout of Salesforce/blipdiffusion-controlnet)
 and a second random ControlNet, runs `blipdiff generate --control`, `blipdiff edit`, `blipdiff interpolate`
@@ -19,12 +19,12 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from blipdiff.infra.screenshots import IMAGES
+from blipdiff.infra.tools.screenshots import IMAGES
 from blipdiff.models.blip_diffusion.controlnet import canny_edges
 from blipdiff.models.random_models import save_tiny_blip_diffusion, save_tiny_controlnet
 
 BLIPDIFF = Path(sys.executable).parent / "blipdiff"
-DREAMBENCH = Path(__file__).resolve().parents[2] / "shared" / "data" / "dreambench" / "dataset"
+DREAMBENCH = Path(__file__).resolve().parents[3] / "shared" / "data" / "dreambench" / "dataset"
 LABEL = 22
 WARNING = "random weights: the generated pictures are noise (the commands are the real ones)"
 

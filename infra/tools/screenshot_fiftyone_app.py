@@ -1,7 +1,7 @@
 """Screenshots of the FiftyOne App: one group of the demo's pairs catalogue (the cat's pair), and the
 generated image of the demo's evaluation with the lowest DINO, with its scores, in the DreamBench catalogue.
 
-    python infra/screenshot_fiftyone_app.py [--data /tmp/blipdiff-app] [--dataset blipdiff-demo] [--port 5252]
+    python infra/tools/screenshot_fiftyone_app.py [--data /tmp/blipdiff-app] [--dataset blipdiff-demo] [--port 5252]
 
 Runs `blipdiff demo` (which catalogues its pairs into DATASET and its evaluation into DATASET-dreambench),
 starts `blipdiff app` on 127.0.0.1, and has headless Chromium (Debian's `chromium`) capture into docs/img/
@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from blipdiff.infra.screenshots import IMAGES, find_chromium, screenshot, wait_for
+from blipdiff.infra.tools.screenshots import IMAGES, find_chromium, screenshot, wait_for
 
 BLIPDIFF = Path(sys.executable).parent / "blipdiff"
 

@@ -10,7 +10,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-IMAGES = Path(__file__).resolve().parents[1] / "docs" / "img"
+IMAGES = Path(__file__).resolve().parents[2] / "docs" / "img"
 # Without the background-networking flags Chromium keeps dialling Google's hosts, which a closed
 # network refuses; the virtual-time budget lets a single-page app finish its requests first.
 CHROMIUM_FLAGS = [
