@@ -19,7 +19,7 @@ from blipdiff.datasets.catalog import CatalogConfig
 from blipdiff.datasets.fetch import DEFAULT_URL_TEMPLATE, FetchConfig
 from blipdiff.datasets.openimages import RULE_ORDER, FilterConfig
 from blipdiff.infra.atomic import atomic_path
-from blipdiff.tasks.stages import build_task, catalog_task, fetch_task, filter_task
+from blipdiff.tasks.prefect_tasks import build_task, catalog_task, fetch_task, filter_task
 from prefect import flow, get_run_logger
 from prefect.artifacts import (
     create_markdown_artifact,

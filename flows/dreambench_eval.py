@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from blipdiff.models.evaluation import EvalConfig, EvalSettings
-from blipdiff.tasks.stages import eval_task
+from blipdiff.tasks.evaluation.config import EvalConfig, EvalSettings
+from blipdiff.tasks.prefect_tasks import eval_task
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from pydantic import Field, model_validator
@@ -39,7 +39,7 @@ class DreamBenchEvalParameters(EvalSettings):
 
     def model_and_step(self) -> tuple[str, int | None]:
         """The model to evaluate and its training step, resolved now."""
-        from blipdiff.models.training.pretrain import checkpoint_step, checkpoints
+        from blipdiff.tasks.pretrain.config import checkpoint_step, checkpoints
 
         if self.model is not None:
             return self.model, None
@@ -84,9 +84,9 @@ def dreambench_eval_flow(parameters: DreamBenchEvalParameters):
     from prefect.states import Completed, Failed
 
     from blipdiff.flows.artifacts import inline_png
-    from blipdiff.models.evaluation_history import (append_run, baseline_run, comparable, history_record,
+    from blipdiff.tasks.evaluation.history import (append_run, baseline_run, comparable, history_record,
                                                     previous_comparable, read_history, regressions)
-    from blipdiff.models.evaluation_report import PAPER_MEANS, plot_trend
+    from blipdiff.tasks.evaluation.report import PAPER_MEANS, plot_trend
 
     logger = get_run_logger()
     model, step = parameters.model_and_step()

@@ -8,8 +8,8 @@ again with the same parameters, goes on where the last one stopped. Artifacts: t
 
 from __future__ import annotations
 
-from blipdiff.models.training.pretrain import PretrainConfig
-from blipdiff.tasks.stages import pretrain_task
+from blipdiff.tasks.pretrain.config import PretrainConfig
+from blipdiff.tasks.prefect_tasks import pretrain_task
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 

@@ -23,7 +23,7 @@ def score_command(
     device: Annotated[str, typer.Option(help=DEVICE_HELP)] = AUTO,
 ) -> None:
     """DreamBench's DINO, CLIP-I and CLIP-T for images made by any method, or the real-photo oracle."""
-    from blipdiff.models.scoring import ScoreConfig, run_score
+    from blipdiff.tasks.evaluation.score import ScoreConfig, run_score
 
     config = config_from(ScoreConfig, dreambench=dreambench, out=out, images=images, oracle=oracle, dino=dino, clip=clip,
                                   batch_size=batch_size, device=device)
@@ -75,7 +75,7 @@ def eval_command(
 ) -> None:
     """Evaluate a model on DreamBench by the paper's protocol: generate, score, report and catalogue. With
     --method dreambooth, DreamBooth on --base, by the same protocol and metrics."""
-    from blipdiff.models.evaluation import EvalConfig
+    from blipdiff.tasks.evaluation.config import EvalConfig
 
     if (method == "dreambooth") != (base is not None) or (model is None) == (base is None):
         raise fail("give --model (BLIP-Diffusion), or --method dreambooth with --base")
@@ -89,7 +89,7 @@ def eval_command(
                                  finetune_mode=finetune_mode, finetune_precision=finetune_precision, dtype=dtype,
                                  dino=dino, clip=clip, dataset=dataset, actors=actors)
     from blipdiff.infra.cli.report import run_with_progress
-    from blipdiff.models.evaluation import check_run_folder, plan, run_eval
+    from blipdiff.tasks.evaluation.run import check_run_folder, plan, run_eval
 
     try:
         plan(config)  # refused input in one line, before the progress bar
@@ -111,7 +111,7 @@ def compare_command(
 ) -> None:
     """Evaluation runs side by side: DINO, CLIP-I, CLIP-T (overall, per subject, per prompt kind) beside
     the papers', and each subject's fine-tuning wall time."""
-    from blipdiff.models.evaluation_report import compare_runs
+    from blipdiff.tasks.evaluation.report import compare_runs
 
     try:
         table = compare_runs(runs)
@@ -130,7 +130,7 @@ def pin_baseline_command(
     run: Annotated[str, typer.Option(help="Run id (its folder's name) to compare every later run with.")],
 ) -> None:
     """Pin a DreamBench evaluation as the baseline that later comparable runs must not fall below."""
-    from blipdiff.models.evaluation_history import pin_baseline
+    from blipdiff.tasks.evaluation.history import pin_baseline
 
     try:
         pin_baseline(eval_root, run)

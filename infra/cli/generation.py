@@ -47,7 +47,7 @@ def generate_command(
 ) -> None:
     """Subject-driven generation with BLIP-Diffusion: PNGs plus a sidecar that makes each again exactly.
     With --control, under the structure of the control images (ControlNet); with --weights, a blend."""
-    from blipdiff.models.generation import GenerateConfig, generate_images
+    from blipdiff.tasks.generate import GenerateConfig, generate_images
 
     config = config_from(GenerateConfig, model=model, images=image or [], subject_checkpoint=subject_checkpoint,
                                      subject=subject, target_subject=target_subject, prompts=prompt, out=out,
@@ -90,7 +90,7 @@ def edit_command(
     device: Annotated[str, typer.Option(help=DEVICE_HELP)] = AUTO,
 ) -> None:
     """Subject-driven editing: the subject in place of a word's region of a picture, the rest kept."""
-    from blipdiff.models.editing import EditConfig, edit_picture
+    from blipdiff.tasks.edit import EditConfig, edit_picture
 
     config = config_from(EditConfig, model=model, source_prompt=source_prompt, source_image=source_image,
                                  edit_token=edit_token, images=image, weights=numbers(weights, "--weights"),
@@ -113,7 +113,7 @@ def interpolate_command(
     out: Annotated[Path, typer.Option(help="Folder for the cells, grid.png and interpolation.parquet.")],
     target_subject: Annotated[str | None, typer.Option(
         help="Category written into the prompt (default: the first --subject).")] = None,
-    steps: Annotated[int, typer.Option(help="Cells along a side.")] = 5,
+    cells: Annotated[int, typer.Option("--cells", "--steps", help="Cells along a side.")] = 5,
     negative_prompt: Annotated[str, typer.Option(help="Negative prompt (classifier-free guidance).")] = "",
     denoising_steps: Annotated[int, typer.Option(help="Denoising steps per cell.")] = 50,
     guidance: Annotated[float, typer.Option(help="Guidance scale.")] = 7.5,
@@ -125,11 +125,11 @@ def interpolate_command(
     device: Annotated[str, typer.Option(help=DEVICE_HELP)] = AUTO,
 ) -> None:
     """Subject interpolation: a grid of the blends of 2 or 4 subjects' embeddings, at one seed."""
-    from blipdiff.models.interpolation import InterpolateConfig, interpolate
+    from blipdiff.tasks.interpolate import InterpolateConfig, interpolate
 
     config = config_from(InterpolateConfig, model=model, images=image, subjects=subject,
-                                        target_subject=target_subject or subject[0], prompt=prompt, out=out, steps=steps,
-                                        negative_prompt=negative_prompt, denoising_steps=denoising_steps,
+                                        target_subject=target_subject or subject[0], prompt=prompt, out=out, cells=cells,
+                                        negative_prompt=negative_prompt, steps=denoising_steps,
                                         guidance=guidance, seed=seed, height=height, width=width, scheduler=scheduler,
                                         dtype=dtype, device=device)
     try:

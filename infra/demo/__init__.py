@@ -46,7 +46,7 @@ def run_demo(out: Path, dataset: str, log: Callable[[str], None] = print) -> dic
     from blipdiff.flows.build_pairs import BuildPairsParameters, build_pairs_flow
     from blipdiff.flows.dreambench_eval import DreamBenchEvalParameters, dreambench_eval_flow
     from blipdiff.flows.pretrain import pretrain_flow
-    from blipdiff.models.training.pretrain import PretrainConfig
+    from blipdiff.tasks.pretrain.config import PretrainConfig
 
     boxes, classes = demo_annotations()
     photos, backgrounds = out / "sample" / "photos", out / "sample" / "backgrounds"

@@ -15,22 +15,20 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from blipdiff.infra.atomic import atomic_path, remove_stale_temporaries, write_json_atomic
-from blipdiff.models.devices import AUTO, DEVICE_HELP, DTYPE_HELP, DType, resolve_placement
-from blipdiff.infra.inputs import ImageSide, SubjectText, model_location, readable_image
+from blipdiff.infra.atomic import atomic_path, remove_stale_temporaries
+from blipdiff.infra.inputs import SubjectText, model_location, readable_image
+from blipdiff.infra.run_folder import claim_run_folder, record_run_folder
+from blipdiff.models.devices import resolve_placement
+from blipdiff.tasks.sampling import RUN_FILE, ScheduledSampling, check_blend, load_blip_diffusion, render
 
-SCHEDULERS = {"pndm": "PNDMScheduler", "ddim": "DDIMScheduler", "dpm": "DPMSolverMultistepScheduler"}
-RUN_FILE = "run.json"
 MANIFEST = "generations.parquet"
 
 
-class GenerateConfig(BaseModel):
+class GenerateConfig(ScheduledSampling):
     """One ``blipdiff generate`` run. Defaults are the Python API's (empty negative prompt, PNDM, 50 steps,
     guidance 7.5, 512²), on the GPU in float16 when there is one, else on the CPU in float32."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     model: str = Field(description="Hub id or local checkpoint folder in the official layout (dreambooth: the base).")
     method: Literal["blip-diffusion", "dreambooth"] = Field(
@@ -44,16 +42,7 @@ class GenerateConfig(BaseModel):
     target_subject: SubjectText | None = Field(None, description="Category written into the prompt (default: subject).")
     prompts: list[str] = Field(min_length=1)
     out: Path
-    negative_prompt: str = ""
-    steps: int = Field(50, ge=1)
-    guidance: float = Field(7.5, ge=0)
-    seed: int = Field(0, ge=0)
-    num_images: int = Field(1, ge=1)
-    height: ImageSide = 512
-    width: ImageSide = 512
-    scheduler: Literal["pndm", "ddim", "dpm"] = "pndm"
-    dtype: DType = Field(AUTO, description=DTYPE_HELP)
-    device: str = Field(AUTO, description=DEVICE_HELP)
+    num_images: int = Field(1, ge=1, description="Images per prompt.")
     controls: list[Path] = Field(default_factory=list, description="Control images (edges, depth, ...), one per ControlNet.")
     control_types: list[Literal["canny", "image"]] = Field(
         default_factory=lambda: ["image"], description="canny: edges computed from the control image; image: as given. "
@@ -119,29 +108,6 @@ class GenerateConfig(BaseModel):
         return settings
 
 
-def check_blend(images: int, image_subjects: list[str], weights: list[float] | None) -> None:
-    """Per-image subjects and weights of a blend of reference photos: one per photo; weights
-    non-negative with a positive sum."""
-    if image_subjects and len(image_subjects) != images:
-        raise ValueError(f"{len(image_subjects)} image subjects for {images} reference images; give one per image")
-    if weights is not None:
-        if len(weights) != images:
-            raise ValueError(f"{len(weights)} weights for {images} reference images; give one per image")
-        if any(weight < 0 for weight in weights) or sum(weights) <= 0:
-            raise ValueError(f"weights {weights}: each must be non-negative and their sum positive")
-
-
-def check_run_folder(out: Path, settings: dict, what: str, run_file: str = RUN_FILE) -> None:
-    """A run folder is new (missing or empty) or holds the same run, so that a rerun finishes it and two
-    runs never mix."""
-    recorded = out / run_file
-    if recorded.is_file():
-        if json.loads(recorded.read_text()) != settings:
-            raise ValueError(f"{out} holds another run ({what}; see {recorded}); choose another --out")
-    elif out.is_dir() and any(out.iterdir()):
-        raise ValueError(f"{out} is not empty and holds no {what} run; choose another --out")
-
-
 def image_name(prompt_index: int, image_index: int) -> str:
     return f"p{prompt_index:03d}_i{image_index:02d}.png"
 
@@ -149,60 +115,48 @@ def image_name(prompt_index: int, image_index: int) -> str:
 def generate_images(config: GenerateConfig, log=print) -> Path:
     """Generate every missing image of the run, then write the sidecar; returns its path."""
     config = resolve_placement(config)
-    check_run_folder(config.out, config.settings(), "generation")
-    import diffusers
+    claim_run_folder(config.out, config.settings(), record=RUN_FILE, other="another run (generation)",
+                     run="generation run")
     import pandas as pd
     import torch
 
-    from blipdiff.models.blip_diffusion import BlipDiffusionControlNetPipeline, BlipDiffusionPipeline
     from blipdiff.models.blip_diffusion.controlnet import control_image
 
     dtype = getattr(torch, config.dtype)
     controls = config.control_pairs()
-    conditions, extra = [], {}
+    conditions, conditioning = [], {}
     if config.method == "dreambooth":
-        from blipdiff.models.dreambooth import load_dreambooth, read_record
+        from blipdiff.models.sampling import set_scheduler
+        from blipdiff.models.stable_diffusion import load_dreambooth, read_dreambooth_record
 
-        record = read_record(config.subject_checkpoint)
+        record = read_dreambooth_record(config.subject_checkpoint)
         unnamed = [prompt for prompt in config.prompts if record["identifier"] not in prompt.split()]
         if unnamed:
             raise ValueError(f"a DreamBooth prompt names the subject by its identifier, as in "
                              f"'{record['prompt']} in the jungle'; these do not: {unnamed}")
         pipe = load_dreambooth(config.model, config.subject_checkpoint, dtype, config.device)
-    elif controls:
-        pipe = BlipDiffusionControlNetPipeline.from_pretrained(config.model, torch_dtype=dtype, device=config.device,
-                                                               controlnet=config.controlnets or None)
-        if len(pipe.controlnets) != len(controls):
-            raise ValueError(f"{len(controls)} control images for the checkpoint's {len(pipe.controlnets)} ControlNets")
-        conditions = [control_image(path, kind) for path, kind, _ in controls]
-        extra = {"condtioning_image": conditions[0] if len(conditions) == 1 else conditions,
-                 "controlnet_conditioning_scale": [scale for _, _, scale in controls]}
+        set_scheduler(pipe, config.scheduler)
     else:
-        pipe = BlipDiffusionPipeline.from_pretrained(config.model, torch_dtype=dtype, device=config.device,
-                                                     load_controlnet=False)
-    pipe.scheduler = getattr(diffusers, SCHEDULERS[config.scheduler]).from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    if config.method == "dreambooth":
-        def make(prompt: str, generator):
-            return pipe(prompt, negative_prompt=config.negative_prompt, guidance_scale=config.guidance,
-                        height=config.height, width=config.width, num_inference_steps=config.steps,
-                        generator=generator).images[0]
-    else:
+        pipe = load_blip_diffusion(config.model, dtype, config.device, config.scheduler, config.controlnets,
+                                   control=bool(controls))
+        if controls:
+            if len(pipe.controlnets) != len(controls):
+                raise ValueError(f"{len(controls)} control images for the checkpoint's {len(pipe.controlnets)} "
+                                 "ControlNets")
+            conditions = [control_image(path, kind) for path, kind, _ in controls]
+            conditioning = {"condtioning_image": conditions[0] if len(conditions) == 1 else conditions,
+                            "controlnet_conditioning_scale": [scale for _, _, scale in controls]}
         if config.subject_checkpoint is not None:
             subject_embeds = pipe.load_subject(config.subject_checkpoint)
         else:
             subject_embeds = pipe.subject_embedding(config.images, config.image_subjects or config.subject,
                                                     config.weights)
-
-        def make(prompt: str, generator):
-            return pipe(prompt, target_subject_category=config.target_subject or config.subject,
-                        subject_embeds=subject_embeds, guidance_scale=config.guidance, height=config.height,
-                        width=config.width, num_inference_steps=config.steps, neg_prompt=config.negative_prompt,
-                        generator=generator, **extra).images[0]
+        conditioning.update(target_subject_category=config.target_subject or config.subject,
+                            subject_embeds=subject_embeds)
 
     config.out.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(config.out)
-    write_json_atomic(config.settings(), config.out / RUN_FILE)
+    record_run_folder(config.out, config.settings(), RUN_FILE)
     for index, condition in enumerate(conditions):
         # What each ControlNet followed (the computed edges, say), beside the images it shaped.
         with atomic_path(config.out / f"control-{index}.png") as partial:
@@ -213,7 +167,9 @@ def generate_images(config: GenerateConfig, log=print) -> Path:
         missing = [k for k, name in enumerate(names) if not (config.out / name).is_file()]
         for k in missing:
             # One image per call: a batch rounds differently from the single call that remakes the image.
-            image = make(prompt, torch.Generator("cpu").manual_seed(config.seed + k))
+            image = render(pipe, prompt, method=config.method, steps=config.steps, guidance=config.guidance,
+                           height=config.height, width=config.width, negative_prompt=config.negative_prompt,
+                           generator=torch.Generator("cpu").manual_seed(config.seed + k), **conditioning)
             with atomic_path(config.out / names[k]) as partial:
                 image.save(partial, format="PNG")
         log(f"prompt {prompt_index + 1}/{len(config.prompts)}: {len(missing)} made, "

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from blipdiff.datasets.catalog import CatalogError, import_fiftyone
+from blipdiff.tasks.evaluation.config import GENERATIONS, SCORES, SETTINGS_FILE
 
 GENERATED, REFERENCE = "generated", "reference"
 KIND = "dreambench evaluations"
@@ -51,8 +52,6 @@ class EvalCatalogSummary:
 
 def _rows(run: Path) -> list[dict]:
     import pandas as pd
-
-    from blipdiff.models.evaluation import GENERATIONS, SCORES
 
     for name in (GENERATIONS, SCORES):
         if not (run / name).is_file():
@@ -120,7 +119,6 @@ def catalog_evaluation(run: Path, dataset_name: str) -> EvalCatalogSummary:
     from fiftyone import ViewField as F
 
     from blipdiff.datasets.dreambench import read_dreambench
-    from blipdiff.models.evaluation import SETTINGS_FILE
 
     run = run.resolve()
     rows = _rows(run)

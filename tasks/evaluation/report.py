@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from blipdiff.infra.atomic import atomic_path
-from blipdiff.models.scoring import METRICS, summarize
+from blipdiff.tasks.evaluation.score import METRICS, summarize
 
 PAPER_MEANS = {"zero-shot": {"dino": 0.594, "clip_i": 0.779, "clip_t": 0.300},
                "finetuned": {"dino": 0.670, "clip_i": 0.805, "clip_t": 0.302},

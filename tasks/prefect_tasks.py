@@ -13,8 +13,8 @@ from blipdiff.datasets.build import BuildConfig, BuildSummary, build_pairs
 from blipdiff.datasets.catalog import CatalogConfig, CatalogSummary, catalog_pairs
 from blipdiff.datasets.fetch import FetchConfig, FetchSummary, fetch_images
 from blipdiff.datasets.openimages import FilterConfig, Funnel, run_filter
-from blipdiff.models.evaluation import EvalConfig
-from blipdiff.models.training.pretrain import PretrainConfig
+from blipdiff.tasks.evaluation.config import EvalConfig
+from blipdiff.tasks.pretrain.config import PretrainConfig
 from prefect import task
 from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE, CachePolicy
 from prefect.utilities.hashing import hash_objects
@@ -92,7 +92,7 @@ def _not_bad_input(task: Any, task_run: Any, state: Any) -> bool:
 # retry after a lost worker or node goes on from there.
 @task(name="pretrain", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=30, retry_condition_fn=_not_bad_input)
 def pretrain_task(config: PretrainConfig, on_progress: Callable[[dict], None] | None = None):
-    from blipdiff.models.training.distributed import run_pretrain
+    from blipdiff.tasks.pretrain.launch import run_pretrain
 
     return run_pretrain(config, on_progress=on_progress)
 
@@ -102,6 +102,6 @@ def pretrain_task(config: PretrainConfig, on_progress: Callable[[dict], None] | 
 @task(name="dreambench eval", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=30,
       retry_condition_fn=_not_bad_input)
 def eval_task(config: EvalConfig, on_progress: Callable[[int, int], None] | None = None) -> dict:
-    from blipdiff.models.evaluation import run_eval
+    from blipdiff.tasks.evaluation.run import run_eval
 
     return run_eval(config, progress=on_progress)

@@ -10,25 +10,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-from blipdiff.infra.atomic import atomic_path, remove_stale_temporaries, write_json_atomic
-from blipdiff.models.devices import AUTO, DEVICE_HELP, DTYPE_HELP, DType, resolve_placement
-from blipdiff.models.generation import check_blend, check_run_folder
-from blipdiff.infra.inputs import ImageSide, SubjectText, model_location, readable_image
+from blipdiff.infra.atomic import atomic_path, remove_stale_temporaries
+from blipdiff.infra.inputs import SubjectText, model_location, readable_image
+from blipdiff.infra.run_folder import claim_run_folder, record_run_folder
+from blipdiff.models.devices import resolve_placement
+from blipdiff.models.sampling import CROSS_REPLACE_STEPS, MASK_THRESHOLD
+from blipdiff.tasks.sampling import Sampling, check_blend, load_blip_diffusion
 
 SETTINGS_FILE = "edit.json"
-# The method's defaults, here rather than beside it: the model code loads torch, and this module must not.
-CROSS_REPLACE_STEPS = 0.8  # Prompt-to-Prompt's default share of steps with shared attention maps
-MASK_THRESHOLD = 0.3  # Prompt-to-Prompt's LocalBlend threshold on max-normalised maps
 OUTPUTS = ("edited.png", "source.png", "mask.png")
 
 
-class EditConfig(BaseModel):
+class EditConfig(Sampling):
     """One ``blipdiff edit`` run. The source is generated from ``source_prompt`` with ``seed``, or is
     the photo ``source_image``, described as "a {edit_token} {prompt}"."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     model: str = Field(description="Hub id or local checkpoint folder in the official layout.")
     source_prompt: str | None = Field(None, description="The text of a source picture to generate.")
@@ -39,18 +36,10 @@ class EditConfig(BaseModel):
     subject: SubjectText = Field(description="The subject's category, e.g. 'dog'.")
     prompt: str = Field(description="The edited picture's text after the subject, e.g. 'sitting on a sofa'.")
     out: Path
-    negative_prompt: str = ""
-    steps: int = Field(50, ge=1)
-    guidance: float = Field(7.5, ge=0)
-    seed: int = Field(0, ge=0)
-    height: ImageSide = 512
-    width: ImageSide = 512
     cross_replace_steps: float = Field(CROSS_REPLACE_STEPS, ge=0, le=1,
                                        description="Share of the steps that keep the source's attention maps.")
     mask_threshold: float = Field(MASK_THRESHOLD, ge=0, lt=1,
                                   description="Share of its peak above which an attention map marks the region.")
-    dtype: DType = Field(AUTO, description=DTYPE_HELP)
-    device: str = Field(AUTO, description=DEVICE_HELP)
 
     @model_validator(mode="after")
     def _inputs(self) -> EditConfig:
@@ -80,17 +69,14 @@ def edit_picture(config: EditConfig, log=print) -> Path:
     """Make the edit's PNGs unless they are all there; returns the output folder."""
     config = resolve_placement(config)
     settings = config.settings()
-    check_run_folder(config.out, settings, "edit", SETTINGS_FILE)
+    claim_run_folder(config.out, settings, record=SETTINGS_FILE, other="another run (edit)", run="edit run")
     if all((config.out / name).is_file() for name in OUTPUTS):
         log(f"{config.out}: the edit is already there")
         return config.out
     import torch
 
-    from blipdiff.models.blip_diffusion import BlipDiffusionPipeline
-
-    pipe = BlipDiffusionPipeline.from_pretrained(config.model, torch_dtype=getattr(torch, config.dtype),
-                                                 device=config.device, load_controlnet=False)
-    pipe.set_progress_bar_config(disable=True)
+    # No scheduler to pick: the edit samples with DDIM, as its inversion must.
+    pipe = load_blip_diffusion(config.model, getattr(torch, config.dtype), config.device)
     result = pipe.edit(
         config.prompt, config.subject, config.edit_token, reference_image=[str(path) for path in config.images],
         reference_weights=config.weights, source_prompt=config.source_prompt,
@@ -100,7 +86,7 @@ def edit_picture(config: EditConfig, log=print) -> Path:
         cross_replace_steps=config.cross_replace_steps, mask_threshold=config.mask_threshold)
     config.out.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(config.out)
-    write_json_atomic(settings, config.out / SETTINGS_FILE)
+    record_run_folder(config.out, settings, SETTINGS_FILE)
     for name, image in zip(OUTPUTS, (result.image, result.source, result.mask)):
         with atomic_path(config.out / name) as partial:
             image.save(partial, format="PNG")

@@ -1,5 +1,5 @@
 """``blipdiff pretrain`` on Ray Train: the target latents cached, the records written, then a
-``TorchTrainer`` runs ``pretrain.train_worker`` on every worker (DDP over NCCL on GPUs, gloo on CPUs),
+``TorchTrainer`` runs ``worker.train_worker`` on every worker (DDP over NCCL on GPUs, gloo on CPUs),
 each fed by its own Ray Data stream of samples.
 
 Ray Train's own checkpoints are not used: every checkpoint is already a model folder in the official
@@ -20,9 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from blipdiff.infra import ray_train
 from blipdiff.infra.atomic import atomic_path, write_json_atomic
-from blipdiff.models.training.pretrain import (PROGRESS_FILE, RECORDS, PretrainConfig, check_run_folder,
-                                               checkpoint_step, checkpoints, record_settings)
+from blipdiff.tasks.pretrain.config import (PROGRESS_FILE, RECORDS, PretrainConfig, Worker, check_run_folder,
+                                            checkpoint_step, checkpoints, record_settings)
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -100,15 +101,10 @@ def _sample_stream(config: PretrainConfig, rank: int, first_step: int, recipe):
 
 def _train_loop(loop_config: dict) -> None:
     """What each Ray Train worker runs."""
-    import ray.train
-    import ray.train.torch
-
-    from blipdiff.models.training.pretrain import Worker, train_worker
+    from blipdiff.tasks.pretrain.worker import train_worker
 
     config = PretrainConfig.model_validate(loop_config)
-    context = ray.train.get_context()
-    worker = Worker(rank=context.get_world_rank(), world=context.get_world_size(),
-                    device=ray.train.torch.get_device())
+    worker = Worker(*ray_train.worker_place())
     train_worker(config, worker, lambda first_step, recipe: _sample_stream(config, worker.rank, first_step, recipe))
 
 
@@ -168,18 +164,7 @@ def run_pretrain(config: PretrainConfig, log: Callable[[str], None] = print,
     else:
         training, held, skipped = prepare_records(config, log)
 
-    import ray
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    from blipdiff.infra.ray_cluster import cluster_has_gpus, connect_ray
-
-    connect_ray()
-    gpus = config.gpus_per_worker if config.gpus_per_worker is not None else float(cluster_has_gpus())
-    cpus = ray.cluster_resources().get("CPU", 0)
-    if cpus < config.workers + 1:
-        raise ValueError(f"{config.workers} workers need {config.workers + 1} CPUs of the Ray cluster (one each, and "
-                         f"one at least for the tasks that make the samples); it has {cpus:g}")
+    ray_train.connect_workers(config.workers, reserve_cpu_for="the tasks that make the samples")
     config.out.mkdir(parents=True, exist_ok=True)
     if not recorded:
         record_settings(config)
@@ -187,14 +172,10 @@ def run_pretrain(config: PretrainConfig, log: Callable[[str], None] = print,
         write_records(config, training, held, skipped)
     if done:
         log(f"resuming from {done[-1]}")
-    trainer = TorchTrainer(
-        _train_loop, train_loop_config=config.model_dump(mode="json"),
-        scaling_config=ray.train.ScalingConfig(num_workers=config.workers, use_gpu=gpus > 0,
-                                               resources_per_worker={"CPU": 1, **({"GPU": gpus} if gpus else {})}),
-        run_config=ray.train.RunConfig(storage_path=str((config.out / "ray").resolve()), name="pretrain",
-                                       failure_config=ray.train.FailureConfig(max_failures=config.max_failures)))
     with _ProgressWatcher(config.out, on_progress or (lambda progress: None)):
-        trainer.fit()
+        ray_train.fit(_train_loop, config.model_dump(mode="json"), name="pretrain", storage=config.out / "ray",
+                      workers=config.workers, gpus_per_worker=config.gpus_per_worker,
+                      max_failures=config.max_failures)
     return _summary(config)
 
 

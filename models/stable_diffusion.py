@@ -1,4 +1,4 @@
-"""DreamBooth's models: a base (Stable Diffusion 1.5 in the diffusers layout, or the U-Net, text encoder and
+"""Stable Diffusion for DreamBooth: a base (Stable Diffusion 1.5 in the diffusers layout, or the U-Net, text encoder and
 VAE of a BLIP-Diffusion checkpoint, which has Stable Diffusion 1.5's architecture but whose U-Net and text
 encoder stage-2 pre-training trained further) as a diffusers ``StableDiffusionPipeline``, and a DreamBooth
 subject checkpoint applied to it.
@@ -10,7 +10,6 @@ when it was trained (``full``), or peft LoRA adapters on their attention project
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -113,11 +112,8 @@ def load_stable_diffusion(base: str | os.PathLike, dtype: torch.dtype = torch.fl
     return pipe.to(device) if device is not None else pipe
 
 
-def read_record(folder: Path) -> dict[str, Any]:
-    path = Path(folder) / RECORD_FILE
-    if not path.is_file():
-        raise CheckpointError(f"{folder} is not a DreamBooth checkpoint: it has no {RECORD_FILE}")
-    return json.loads(path.read_text())
+def read_dreambooth_record(folder: Path) -> dict[str, Any]:
+    return checkpoint.read_record(folder, RECORD_FILE, "DreamBooth checkpoint")
 
 
 def apply_dreambooth(pipe, folder: str | os.PathLike) -> dict[str, Any]:
@@ -126,7 +122,7 @@ def apply_dreambooth(pipe, folder: str | os.PathLike) -> dict[str, Any]:
     from safetensors.torch import load_file
 
     folder = Path(folder)
-    record = read_record(folder)
+    record = read_dreambooth_record(folder)
     if record["mode"] == "full":
         for name, module in (("unet", pipe.unet), ("text_encoder", pipe.text_encoder)):
             weights = folder / name / "model.safetensors"

@@ -26,12 +26,10 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from blipdiff.infra.atomic import atomic_folder
-from blipdiff.models.blip_diffusion.subject_checkpoint import (EMBEDDING_FILE, LORA_FOLDER, LORA_TARGETS, LORA_WEIGHTS,
-                                                               SUBJECT_FILE, UNET_FOLDER)
 from blipdiff.infra.inputs import ImageSide, SubjectText, find_photos, model_location
-from blipdiff.models.training.learning_rate import fill_default_lr
-from blipdiff.models.training.optimizer import adamw
+from blipdiff.infra.run_folder import claim_run_folder
 from blipdiff.models.devices import AUTO, DEVICE_HELP, resolve_device
+from blipdiff.models.training.learning_rate import fill_default_lr
 
 
 class FinetuneConfig(BaseModel):
@@ -80,15 +78,16 @@ class FinetuneConfig(BaseModel):
 
 def finetune(config: FinetuneConfig, log: Callable[[str], None] = print) -> Path:
     """Train the subject checkpoint and write it to ``config.out``; a finished one is not redone."""
+    # Here rather than at the top: they load torch, and the config must stay light to import.
+    from blipdiff.models.blip_diffusion.subject_checkpoint import (EMBEDDING_FILE, LORA_FOLDER, LORA_TARGETS,
+                                                                   LORA_WEIGHTS, SUBJECT_FILE, UNET_FOLDER)
+    from blipdiff.models.training.optimizer import adamw
+
     out = config.out
-    subject_file = out / SUBJECT_FILE
-    if subject_file.is_file():
-        if json.loads(subject_file.read_text())["settings"] == config.settings():
-            log(f"{out} already holds this subject checkpoint")
-            return out
-        raise ValueError(f"{out} holds another subject checkpoint (see {subject_file}); choose another --out")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"{out} exists and is not a subject checkpoint; choose another --out")
+    if claim_run_folder(out, config.settings(), record=SUBJECT_FILE, key="settings",
+                        other="another subject checkpoint", run="subject checkpoint"):
+        log(f"{out} already holds this subject checkpoint")
+        return out
 
     import torch
     from diffusers import DDPMScheduler
