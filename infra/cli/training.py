@@ -6,7 +6,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from blipdiff.infra.cli.common import config_from, fail
+from blipdiff.datasets.configs import EncodeLatentsConfig
+from blipdiff.infra.cli.common import config_from, fail, options_from
 from blipdiff.models.devices import AUTO, DEVICE_HELP
 
 
@@ -28,12 +29,12 @@ def finetune_command(
     device: Annotated[str, typer.Option(help=DEVICE_HELP)] = AUTO,
 ) -> None:
     """Fine-tune BLIP-Diffusion to one subject in a few steps (LAVIS's recipe): a subject checkpoint."""
-    from blipdiff.tasks.finetune import FinetuneConfig
+    from blipdiff.models.training.finetune import FinetuneConfig
 
     config = config_from(FinetuneConfig, model=model, images=images, subject=subject, out=out, steps=steps, lr=lr,
                                      batch_size=batch_size, mode=mode, lora_rank=lora_rank, precision=precision,
                                      resolution=resolution, seed=seed, device=device)
-    from blipdiff.tasks.finetune import finetune
+    from blipdiff.models.training.finetune import finetune
 
     try:
         finetune(config, log=typer.echo)
@@ -70,8 +71,7 @@ def dreambooth_command(
     checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints (a rerun resumes).")] = 100,
 ) -> None:
     """DreamBooth on Stable Diffusion, the paper's baseline: a subject checkpoint for prompts with the identifier."""
-    from blipdiff.tasks.dreambooth.config import DreamBoothConfig
-    from blipdiff.tasks.dreambooth.train import run_dreambooth
+    from blipdiff.models.training.dreambooth import DreamBoothConfig, run_dreambooth
 
     config = config_from(DreamBoothConfig, base=base, images=images, class_noun=class_noun, out=out, identifier=identifier,
                                        steps=steps, lr=lr, max_grad_norm=max_grad_norm or None, batch_size=batch_size,
@@ -88,19 +88,11 @@ def dreambooth_command(
                f"--subject {class_noun} --prompt 'a {identifier} {class_noun} in the jungle'")
 
 
-def encode_latents_command(
-    pairs: Annotated[Path, typer.Option(help="Build folder (blipdiff build --out) with pairs.parquet.")],
-    model: Annotated[str, typer.Option(help="Hub id or local checkpoint folder whose vae/ encodes the targets.")],
-    resolution: Annotated[int, typer.Option(help="Side of the square targets.")] = 512,
-    batch_size: Annotated[int, typer.Option(help="Targets per VAE call.")] = 8,
-    actors: Annotated[int, typer.Option(help="VAE actors (one per GPU, say).")] = 1,
-    gpus_per_actor: Annotated[float | None, typer.Option(help="GPUs per actor (default: 1 when Ray sees GPUs).")] = None,
-) -> None:
+@options_from(EncodeLatentsConfig, "pairs", "model", "resolution", "batch_size", "actors", "gpus_per_actor")
+def encode_latents_command(**fields) -> None:
     """Encode every pair's target photo once with the VAE: the cache pre-training reads (a rerun skips what is done)."""
-    from blipdiff.datasets.latents import EncodeLatentsConfig, encode_latents
-
-    config = config_from(EncodeLatentsConfig, pairs=pairs, model=model, resolution=resolution, batch_size=batch_size,
-                                          actors=actors, gpus_per_actor=gpus_per_actor)
+    config = config_from(EncodeLatentsConfig, **fields)
+    from blipdiff.datasets.latents import encode_latents
     from blipdiff.infra.cli.report import run_with_progress
 
     try:
@@ -137,7 +129,7 @@ def pretrain_command(
     seed: Annotated[int, typer.Option(help="Seed of the data order, augmentations, noise and dropout.")] = 0,
 ) -> None:
     """Stage-2 pre-training of BLIP-Diffusion on built pairs, on Ray Train; rerun to resume."""
-    from blipdiff.tasks.pretrain.config import PretrainConfig
+    from blipdiff.models.training.pretrain import PretrainConfig
 
     config = config_from(PretrainConfig, pairs=pairs, init=init, out=out, reset_from_sd=reset_from_sd, steps=steps,
                                      batch_size=batch_size, grad_accum=grad_accum, workers=workers,
@@ -148,7 +140,7 @@ def pretrain_command(
                                      validate_every=validate_every, validation_pairs=validation_pairs,
                                      validation_steps=validation_steps, log_every=log_every, seed=seed)
     from blipdiff.infra.cli.report import training_progress
-    from blipdiff.tasks.pretrain.launch import run_pretrain
+    from blipdiff.models.training.distributed import run_pretrain
 
     try:
         with training_progress(config.steps) as on_progress:
