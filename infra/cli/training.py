@@ -29,12 +29,12 @@ def finetune_command(
     device: Annotated[str, typer.Option(help=DEVICE_HELP)] = AUTO,
 ) -> None:
     """Fine-tune BLIP-Diffusion to one subject in a few steps (LAVIS's recipe): a subject checkpoint."""
-    from blipdiff.models.training.finetune import FinetuneConfig
+    from blipdiff.tasks.finetune import FinetuneConfig
 
     config = config_from(FinetuneConfig, model=model, images=images, subject=subject, out=out, steps=steps, lr=lr,
                                      batch_size=batch_size, mode=mode, lora_rank=lora_rank, precision=precision,
                                      resolution=resolution, seed=seed, device=device)
-    from blipdiff.models.training.finetune import finetune
+    from blipdiff.tasks.finetune import finetune
 
     try:
         finetune(config, log=typer.echo)
@@ -71,7 +71,8 @@ def dreambooth_command(
     checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints (a rerun resumes).")] = 100,
 ) -> None:
     """DreamBooth on Stable Diffusion, the paper's baseline: a subject checkpoint for prompts with the identifier."""
-    from blipdiff.models.training.dreambooth import DreamBoothConfig, run_dreambooth
+    from blipdiff.tasks.dreambooth.config import DreamBoothConfig
+    from blipdiff.tasks.dreambooth.train import run_dreambooth
 
     config = config_from(DreamBoothConfig, base=base, images=images, class_noun=class_noun, out=out, identifier=identifier,
                                        steps=steps, lr=lr, max_grad_norm=max_grad_norm or None, batch_size=batch_size,
@@ -129,7 +130,7 @@ def pretrain_command(
     seed: Annotated[int, typer.Option(help="Seed of the data order, augmentations, noise and dropout.")] = 0,
 ) -> None:
     """Stage-2 pre-training of BLIP-Diffusion on built pairs, on Ray Train; rerun to resume."""
-    from blipdiff.models.training.pretrain import PretrainConfig
+    from blipdiff.tasks.pretrain.config import PretrainConfig
 
     config = config_from(PretrainConfig, pairs=pairs, init=init, out=out, reset_from_sd=reset_from_sd, steps=steps,
                                      batch_size=batch_size, grad_accum=grad_accum, workers=workers,
@@ -140,7 +141,7 @@ def pretrain_command(
                                      validate_every=validate_every, validation_pairs=validation_pairs,
                                      validation_steps=validation_steps, log_every=log_every, seed=seed)
     from blipdiff.infra.cli.report import training_progress
-    from blipdiff.models.training.distributed import run_pretrain
+    from blipdiff.tasks.pretrain.launch import run_pretrain
 
     try:
         with training_progress(config.steps) as on_progress:
