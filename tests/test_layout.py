@@ -1,10 +1,12 @@
 """The layout's rules: the layers of pyproject.toml's import-linter contracts hold, no two modules import
-each other round (however long the way), and no source file grows past 450 lines."""
+each other round (however long the way), no source file grows past 450 lines, and every package is listed
+for the wheel."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,3 +40,12 @@ def test_no_source_file_over_450_lines():
     long = {str(path.relative_to(REPO)): count for package in PACKAGES for path in sorted((REPO / package).rglob("*.py"))
             if (count := len(path.read_text(encoding="utf-8").splitlines())) > MAX_LINES}
     assert not long, f"over {MAX_LINES} lines: {long}"
+
+
+def test_every_package_is_in_the_wheel():
+    # The editable install maps the whole folder, so a package missing from the list passes every other
+    # test and is absent only from a wheel.
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(("blipdiff", *init.parent.relative_to(REPO).parts)) for package in PACKAGES
+             for init in (REPO / package).rglob("__init__.py")}
+    assert found <= listed, f"not in [tool.setuptools] packages: {sorted(found - listed)}"
