@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import resource
 import subprocess
 import sys
 import tempfile
@@ -221,10 +222,11 @@ def _peak_resident_mib() -> float:
 def _measure(kind: str, boxes: Path, classes: Path, out: Path) -> dict:
     command = [sys.executable, __file__, "--worker", kind, "--boxes", str(boxes), "--classes", str(classes),
                "--out", str(out)]
-    started = time.perf_counter()
+    before, started = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
     done = subprocess.run(command, check=True, capture_output=True, text=True)
-    wall = time.perf_counter() - started
-    return {**json.loads(done.stdout.strip().splitlines()[-1]), "wall": wall}
+    wall, after = time.perf_counter() - started, resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime  # every thread of the worker
+    return {**json.loads(done.stdout.strip().splitlines()[-1]), "wall": wall, "cpu": cpu}
 
 
 def main() -> None:
@@ -252,8 +254,9 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     lines = ["| rows | order | file (GiB) | bytes/row | DuckDB wall (s) | pandas wall (s) | time ratio (≤ 0.5x) "
              "| CSV scan floor (s) | floor ratio | pandas, usecols (s) | ratio to it | DuckDB peak RSS (MiB) "
-             "| pandas peak RSS (MiB) | memory ratio (≤ 0.25x) | same subjects |",
-             "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+             "| pandas peak RSS (MiB) | memory ratio (≤ 0.25x) | CPU s: DuckDB / pandas / scan | same subjects |",
+             "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+             "| --- |"]
     breakdown = []
     missed = False
     for order in args.orders:
@@ -267,7 +270,8 @@ def main() -> None:
         results = {}
         for kind in ("duckdb", "pandas", "pandas-usecols", "scan"):
             results[kind] = _measure(kind, boxes, args.classes, workdir / f"{order}-{kind}")
-            print(f"{order}, {kind}: {results[kind]['wall']:.1f} s, {results[kind]['peak_mib']:.0f} MiB", flush=True)
+            print(f"{order}, {kind}: {results[kind]['wall']:.1f} s ({results[kind]['cpu']:.1f} s CPU), "
+                  f"{results[kind]['peak_mib']:.0f} MiB", flush=True)
         ours = read_subjects(workdir / f"{order}-duckdb" / "subjects.parquet")
         for kind in ("pandas", "pandas-usecols"):
             theirs = read_subjects(workdir / f"{order}-{kind}" / "subjects.parquet")
@@ -282,7 +286,8 @@ def main() -> None:
                      f"{results['duckdb']['wall']:.1f} | {results['pandas']['wall']:.1f} | {wall:.2f}x | "
                      f"{results['scan']['wall']:.1f} | {floor:.2f}x | {results['pandas-usecols']['wall']:.1f} | "
                      f"{against_usecols:.2f}x | {results['duckdb']['peak_mib']:.0f} | "
-                     f"{results['pandas']['peak_mib']:.0f} | {memory:.2f}x | yes ({len(ours):,}) |")
+                     f"{results['pandas']['peak_mib']:.0f} | {memory:.2f}x | {results['duckdb']['cpu']:.1f} / "
+                     f"{results['pandas']['cpu']:.1f} / {results['scan']['cpu']:.1f} | yes ({len(ours):,}) |")
         statements = results["duckdb"]["statements"]
         breakdown.append(f"| {order} | " + " | ".join(f"{value:.2f}" for value in statements.values())
                          + f" | {results['scan']['statements']['scan']:.2f} |")

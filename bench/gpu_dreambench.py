@@ -128,7 +128,8 @@ def main() -> None:
     import torch
 
     from blipdiff.datasets.dreambench import read_dreambench
-    from blipdiff.models.evaluation import EvalConfig, run_eval
+    from blipdiff.tasks.evaluation.config import EvalConfig
+    from blipdiff.tasks.evaluation.run import run_eval
 
     device, _ = resolve(args.device, "float32")
     on_gpu = device.type == "cuda"

@@ -13,8 +13,10 @@ from pathlib import Path
 import torch
 from gpu_caption import DREAMBENCH
 from gpu_generate import random_pipeline
-from blipdiff.models.training.finetune import FinetuneConfig, finetune
-from blipdiff.models.training.dreambooth import DreamBoothConfig, make_class_images, train_worker, class_image_folder
+from blipdiff.tasks.finetune import FinetuneConfig, finetune
+from blipdiff.tasks.dreambooth.class_images import class_image_folder, make_class_images
+from blipdiff.tasks.dreambooth.config import DreamBoothConfig
+from blipdiff.tasks.dreambooth.train import train_worker
 
 n_class = int(sys.argv[1]) if len(sys.argv) > 1 else 200  # read first: a bad argument fails before minutes of GPU work
 work = Path("/tmp/dbw"); work.mkdir(exist_ok=True)

@@ -1,4 +1,4 @@
-"""Speed of subject fine-tuning (``blipdiff.models.training.finetune``) at real model size.
+"""Speed of subject fine-tuning (``blipdiff.tasks.finetune``) at real model size.
 
     python bench/gpu_finetune.py                                  # CUDA: full and lora, 80 steps, batch 3, 512x512
     python bench/gpu_finetune.py --model /models/blipdiffusion    # a local checkpoint folder
@@ -190,7 +190,7 @@ def fine_tune(model: str, root: Path, mode: str, args: argparse.Namespace, photo
     """One ``finetune`` call on ``model`` (whose folder, resolved, is ``root``), written to ``out``."""
     import torch
 
-    from blipdiff.models.training.finetune import FinetuneConfig, finetune
+    from blipdiff.tasks.finetune import FinetuneConfig, finetune
 
     config = FinetuneConfig(model=model, images=[photos], subject=category, out=out, steps=args.steps,
                             batch_size=args.batch_size, mode=mode, lora_rank=args.lora_rank,
@@ -215,7 +215,9 @@ def against_dreambooth(model: str, root: Path, args: argparse.Namespace, photos:
     """BLIP-Diffusion's fine-tuning at Table 3's steps and DreamBooth's, one after the other on ``device``:
     the comparison table (class images apart)."""
     from blipdiff.datasets.dreambench import FINETUNE_STEPS
-    from blipdiff.models.training.dreambooth import DreamBoothConfig, ensure_class_images, run_dreambooth
+    from blipdiff.tasks.dreambooth.class_images import ensure_class_images
+    from blipdiff.tasks.dreambooth.config import DreamBoothConfig
+    from blipdiff.tasks.dreambooth.train import run_dreambooth
 
     steps = args.table3_steps or FINETUNE_STEPS.get(args.subject)
     if steps is None:
@@ -295,7 +297,7 @@ def main() -> None:
 
     import torch
 
-    from blipdiff.datasets.decode import IMAGE_SUFFIXES
+    from blipdiff.infra.images import IMAGE_SUFFIXES
     from blipdiff.models.blip_diffusion import checkpoint
     from blipdiff.models.training.learning_rate import DEFAULT_LR
 

@@ -86,7 +86,7 @@ def dreambench_pairs(photos: Path, folder: Path, limit: int | None) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from blipdiff.datasets.decode import IMAGE_SUFFIXES
+    from blipdiff.infra.images import IMAGE_SUFFIXES
 
     rows = []
     for subject in sorted(path for path in photos.iterdir() if path.is_dir()):
@@ -114,7 +114,7 @@ def training_gflops(pipe, resolution: int, device: torch.device) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     from blipdiff.models.training.objective import PretrainObjective
-    from blipdiff.models.training.pretrain import batch_inputs
+    from blipdiff.models.training.pretrain_model import batch_inputs
 
     objective = PretrainObjective(pipe).train()
     side = pipe.image_processor.height
@@ -155,8 +155,8 @@ def main() -> None:
     import torch
 
     from blipdiff.datasets.latents import EncodeLatentsConfig, encode_latents
-    from blipdiff.models.training.distributed import run_pretrain
-    from blipdiff.models.training.pretrain import PretrainConfig
+    from blipdiff.tasks.pretrain.launch import run_pretrain
+    from blipdiff.tasks.pretrain.config import PretrainConfig
 
     device, _ = resolve(args.device, "float32")
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "no GPU"

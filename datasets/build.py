@@ -19,19 +19,16 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import cv2
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from blipdiff.datasets.configs import BuildConfig
 from blipdiff.datasets.compose import background_for, list_backgrounds
-from blipdiff.datasets.decode import DEFAULT_MAX_PIXELS, MAX_DECODABLE_PIXELS, DecodeFailure, decode_image
 from blipdiff.datasets.matting import (
     TRIMAP_UNKNOWN,
-    MattingConfig,
     MattingError,
-    TrimapConfig,
     box_in_pixels,
     composite,
     make_trimap,
@@ -39,11 +36,9 @@ from blipdiff.datasets.matting import (
 )
 from blipdiff.datasets.subjects import read_subjects
 from blipdiff.infra.atomic import atomic_path, remove_stale_temporaries, write_json_atomic
+from blipdiff.infra.images import DecodeFailure, decode_image
 from blipdiff.infra.journal import JOURNAL_NAME, Journal
 from blipdiff.infra.ray_cluster import connect_ray
-from blipdiff.models import DEFAULT_BLIP2, DEFAULT_CLIPSEG
-from blipdiff.models.devices import AUTO, DEVICE_HELP
-from pydantic import BaseModel, ConfigDict, Field
 
 STAGES = ("decode", "caption", "segment", "trimap", "matte", "composite")
 IMAGE_KINDS = {"target": ".jpg", "composite": ".jpg", "input": ".jpg", "alpha": ".png", "trimap": ".png"}
@@ -63,49 +58,6 @@ REJECTS_SCHEMA = pa.schema([
     ("source_path", pa.string()), *((edge, pa.float64()) for edge in ("x_min", "x_max", "y_min", "y_max")),
     ("stage", pa.string()), ("reason", pa.string()),
 ])
-
-
-class BuildConfig(BaseModel):
-    """One build run; shared by the CLI, the flows and the tests."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    subjects: Path = Field(description="the filter's subjects.parquet")
-    images: Path = Field(description="a fetch output folder (images.parquet) or a folder of {image_id}.jpg")
-    backgrounds: Path = Field(description="folder of background photos")
-    out: Path = Field(description="output folder: pairs.parquet, rejects.parquet and the image files")
-    manifests: Path | None = Field(
-        default=None, description="folder for pairs.parquet and rejects.parquet when not OUT (a shard's own)"
-    )
-    captioner: Literal["template", "blip2"] = "template"
-    caption_model: str = Field(default=DEFAULT_BLIP2, description="BLIP-2 hub id or folder")
-    clip_model: str | None = Field(default=None, description="CLIP hub id or folder to rank sampled captions")
-    num_captions: int = Field(default=1, ge=1, description="captions sampled per image (the authors: 48)")
-    top_p: float = Field(default=0.95, gt=0, le=1)
-    min_caption_length: int = Field(default=5, ge=0)
-    keep_captions: int = Field(default=5, ge=1)
-    segmenter: Literal["grabcut", "clipseg"] = "grabcut"
-    segment_model: str = Field(default=DEFAULT_CLIPSEG, description="CLIPSeg hub id or folder")
-    device: str = Field(AUTO, description=DEVICE_HELP)
-    model_batch_size: int = Field(default=8, ge=1, description="images per model call")
-    actors: int = Field(default=1, ge=1, description="actors per model stage")
-    gpus_per_actor: float = Field(default=0.0, ge=0)
-    cpus_per_actor: float = Field(default=0.5, gt=0, description="fractional, so model actors never starve tasks")
-    trimap: TrimapConfig = TrimapConfig()
-    matting: MattingConfig = MattingConfig()
-    seed: int = 0
-    max_pixels: int = Field(default=DEFAULT_MAX_PIXELS, gt=0, le=MAX_DECODABLE_PIXELS)
-    max_aspect: float = Field(default=2.0, gt=1)
-    jpeg_quality: int = Field(default=95, ge=1, le=100)
-
-    def fingerprint(self) -> dict:
-        """The settings that decide the outputs: a folder never mixes two of them."""
-        return self.model_dump(mode="json", exclude={"subjects", "images", "out", "manifests", "actors", "device",
-                                                      "model_batch_size", "gpus_per_actor", "cpus_per_actor"})
-
-    @property
-    def manifest_folder(self) -> Path:
-        return self.manifests if self.manifests is not None else self.out
 
 
 @dataclass

@@ -22,13 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow.parquet as pq
+from blipdiff.datasets.configs import CatalogConfig
 from blipdiff.datasets.build import IMAGE_KINDS, SETTINGS, STAGES
 from blipdiff.datasets.matting import (
     TRIMAP_BACKGROUND,
     TRIMAP_FOREGROUND,
     TRIMAP_UNKNOWN,
 )
-from pydantic import BaseModel, ConfigDict, Field
 
 SLICES = tuple(IMAGE_KINDS)  # target, composite, input, alpha, trimap
 TRIMAP_CLASSES = {TRIMAP_BACKGROUND: "background", TRIMAP_UNKNOWN: "unknown", TRIMAP_FOREGROUND: "foreground"}
@@ -43,16 +43,6 @@ SAVED_VIEWS = {
 
 class CatalogError(RuntimeError):
     """The catalog cannot be written as asked; the message says why and what to do."""
-
-
-class CatalogConfig(BaseModel):
-    """One cataloguing run; shared by the CLI, the flow and the tests."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    pairs: Path = Field(description="a build folder (pairs.parquet, rejects.parquet and the pairs' images)")
-    dataset: str = Field(min_length=1, description="FiftyOne dataset name")
-    replace: bool = Field(default=False, description="delete the dataset first, even if it catalogues another build")
 
 
 @dataclass

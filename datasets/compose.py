@@ -8,7 +8,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from blipdiff.datasets.decode import IMAGE_SUFFIXES, DecodeFailure, decode_image
+from blipdiff.infra.images import IMAGE_SUFFIXES, DecodeFailure, decode_image
 
 # A crop covers between half and all of the largest window of the image's aspect ratio that fits.
 CROP_SCALE = (0.5, 1.0)

@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from blipdiff.datasets.decode import IMAGE_SUFFIXES
+from blipdiff.infra.images import IMAGE_SUFFIXES
 
 PROMPTS_FILE = "prompts_and_classes.txt"
 LIVE_CLASSES = frozenset({"cat", "dog"})

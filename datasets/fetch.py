@@ -32,20 +32,18 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from blipdiff.datasets.decode import (
-    DEFAULT_MAX_PIXELS,
+# DEFAULT_URL_TEMPLATE too, so that its old name resolves.
+from blipdiff.datasets.configs import DEFAULT_URL_TEMPLATE, FetchConfig  # noqa: F401
+from blipdiff.infra.atomic import atomic_path, remove_stale_temporaries
+from blipdiff.infra.images import (
     IMAGE_SUFFIXES,
-    MAX_DECODABLE_PIXELS,
     DecodeFailure,
     inspect_image,
 )
-from blipdiff.infra.atomic import atomic_path, remove_stale_temporaries
 from blipdiff.infra.journal import JOURNAL_NAME, Journal
 
 IMAGE_ID_PATTERN = re.compile(r"^[0-9a-f]{16}\Z")
-DEFAULT_URL_TEMPLATE = "https://open-images-dataset.s3.amazonaws.com/{split}/{image_id}.jpg"
 SUFFIX_OF_FORMAT = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif",
                     "BMP": ".bmp", "TIFF": ".tif"}
 IMAGES_SCHEMA = pa.schema([
@@ -55,45 +53,6 @@ IMAGES_SCHEMA = pa.schema([
 REJECTS_SCHEMA = pa.schema([("image_id", pa.string()), ("stage", pa.string()), ("reason", pa.string())])
 PARTIAL = ".partial"
 CHUNK_BYTES = 1 << 16
-
-
-class FetchConfig(BaseModel):
-    """One fetch run; shared by the CLI, the flows and the tests."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    subjects: Path = Field(description="a Parquet file with an image_id column (the filter's subjects)")
-    out: Path = Field(description="the image folder: images/, images.parquet, rejects.parquet")
-    url_template: str = Field(default=DEFAULT_URL_TEMPLATE, description="URL with {image_id} and {split}")
-    split: str = Field(default="train", description="Open Images split that fills {split}")
-    images_csv: Path | None = Field(default=None, description="the dataset's images CSV: use its URLs")
-    thumbnails: bool = Field(default=False, description="with images_csv: Thumbnail300KURL, not OriginalURL")
-    from_dir: Path | None = Field(default=None, description="ingest {image_id}.<ext> files from this folder")
-    timeout: float = Field(default=30.0, gt=0, description="seconds to connect and between bytes")
-    retries: int = Field(default=3, ge=0, description="retries after a 5xx, a timeout or a broken connection")
-    backoff: float = Field(default=1.0, ge=0, description="seconds before the first retry, doubled each time")
-    workers: int = Field(default=16, ge=1, description="downloads in flight (per Ray task on a cluster)")
-    max_bytes: int = Field(default=64 << 20, gt=0, description="largest file accepted")
-    max_pixels: int = Field(default=DEFAULT_MAX_PIXELS, gt=0, le=MAX_DECODABLE_PIXELS, description="largest image accepted (decompression bombs)")
-    ray: bool | None = Field(default=None, description="fan out through Ray; default: when RAY_ADDRESS is set")
-    ray_shard: int = Field(default=256, ge=1, description="images per Ray task")
-
-    @model_validator(mode="after")
-    def _consistent(self) -> FetchConfig:
-        if self.images_csv is not None and self.from_dir is not None:
-            raise ValueError("choose one source: --images-csv or --from-dir")
-        if self.thumbnails and self.images_csv is None:
-            raise ValueError("--thumbnails needs --images-csv")
-        if "{image_id}" not in self.url_template:
-            raise ValueError("--url-template must contain {image_id}")
-        try:
-            self.url_template.format(image_id="0" * 16, split=self.split)
-        except (KeyError, IndexError, ValueError) as error:
-            raise ValueError(f"--url-template accepts only {{image_id}} and {{split}}: {error}") from error
-        return self
-
-    def use_ray(self) -> bool:
-        return self.ray if self.ray is not None else bool(os.environ.get("RAY_ADDRESS"))
 
 
 @dataclass(frozen=True)

@@ -26,10 +26,10 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict, Field
 
+from blipdiff.datasets.configs import EncodeLatentsConfig
 from blipdiff.infra.atomic import atomic_path, remove_stale_temporaries, write_json_atomic
-from blipdiff.models.inputs import BuildFolder, ImageSide, model_location
+from blipdiff.infra.inputs import model_location
 from blipdiff.models.devices import resolve_device
 
 LATENTS_FOLDER = "latents"
@@ -37,19 +37,6 @@ MANIFEST = "latents.parquet"
 DESCRIPTION = "vae.json"
 ENCODED = "encoded"
 MANIFEST_SCHEMA = pa.schema([("image_id", pa.string()), ("path", pa.string()), ("status", pa.string())])
-
-
-class EncodeLatentsConfig(BaseModel):
-    """One ``blipdiff encode-latents`` run."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    pairs: BuildFolder = Field(description="A build folder (blipdiff build --out) with pairs.parquet.")
-    model: str = Field(description="Hub id or local folder of a checkpoint with a vae/ component.")
-    resolution: ImageSide = Field(512, description="Side of the square targets.")
-    batch_size: int = Field(8, ge=1, description="Targets per VAE call.")
-    actors: int = Field(1, ge=1, description="VAE actors (one per GPU, say).")
-    gpus_per_actor: float | None = Field(None, ge=0, description="Default: 1 when the Ray cluster has GPUs, else 0.")
 
 
 @dataclass

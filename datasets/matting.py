@@ -20,10 +20,11 @@ import cv2
 import numpy as np
 import pymatting
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel
 
-from blipdiff.datasets.decode import IMAGE_SUFFIXES, DecodeFailure, decode_image
+from blipdiff.datasets.configs import MattingConfig, TrimapConfig
 from blipdiff.infra.atomic import atomic_path
+from blipdiff.infra.images import IMAGE_SUFFIXES, Box, DecodeFailure, box_in_pixels, decode_image, working_size
 
 if TYPE_CHECKING:
     from blipdiff.models.segmenters import Segmenter
@@ -32,61 +33,12 @@ TRIMAP_BACKGROUND, TRIMAP_UNKNOWN, TRIMAP_FOREGROUND = 0, 128, 255
 # pymatting retries its incomplete Cholesky with growing diagonal shifts; at our sparser threshold a
 # zero shift nearly always fails, so start where it succeeds.
 ICHOL_SHIFTS = (1e-3, 1e-2, 0.1, 0.5, 1.0, 10.0, 100.0, 1e3, 1e4, 1e5)
-# x_min, x_max, y_min, y_max, normalised to [0, 1], as in Open Images.
-Box = tuple[float, float, float, float]
 # Below this many unknown pixels a half-resolution first guess costs more than it saves.
 COARSE_START_MIN_UNKNOWN = 20_000
 
 
 class MattingError(ValueError):
     """A trimap or image that no matte can be pulled from, with the reason."""
-
-
-class TrimapConfig(BaseModel):
-    """How a subject probability map becomes a trimap (background 0, unknown 128, foreground 255)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    high: float = Field(default=0.5, gt=0, le=1, description="probability at or above: foreground")
-    low: float = Field(default=0.25, ge=0, lt=1, description="probability below: background")
-    band: float = Field(
-        default=0.02, ge=0, description="unknown band on each side of the edge, as a fraction of the box's long side"
-    )
-    min_band_px: int = Field(default=2, ge=1, description="narrowest unknown band, in pixels")
-    max_outside_box: float = Field(
-        default=0.5, ge=0, le=1, description="reject when more of the foreground than this lies outside the box"
-    )
-
-    @model_validator(mode="after")
-    def _ordered(self) -> TrimapConfig:
-        if self.low > self.high:
-            raise ValueError(f"trimap low threshold {self.low} exceeds high threshold {self.high}")
-        return self
-
-
-class MattingConfig(BaseModel):
-    """Closed-form matting settings; the defaults are the measured ones."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    working_long_side: int | None = Field(
-        default=512, gt=16, description="solve at this long side, then bring back to image resolution; None: full"
-    )
-    epsilon: float = Field(default=1e-7, gt=0, description="regularisation of the matting Laplacian")
-    radius: int = Field(default=1, ge=1, description="window radius of the matting Laplacian")
-    discard_threshold: float = Field(default=1e-2, gt=0, description="incomplete Cholesky drop tolerance")
-    rtol: float = Field(default=3e-4, gt=0, description="relative residual at which conjugate gradients stop")
-    coarse_start: bool = Field(default=True, description="start from a half-resolution solution")
-
-
-def box_in_pixels(box: Box, width: int, height: int) -> tuple[int, int, int, int]:
-    """Normalised (x_min, x_max, y_min, y_max) → pixel (x0, y0, x1, y1), half-open, at least 1 px."""
-    x_min, x_max, y_min, y_max = box
-    x0 = int(np.clip(np.floor(x_min * width), 0, width - 1))
-    y0 = int(np.clip(np.floor(y_min * height), 0, height - 1))
-    x1 = int(np.clip(np.ceil(x_max * width), x0 + 1, width))
-    y1 = int(np.clip(np.ceil(y_max * height), y0 + 1, height))
-    return x0, y0, x1, y1
 
 
 def make_trimap(probabilities: np.ndarray, box_px: tuple[int, int, int, int], config: TrimapConfig) -> np.ndarray:
@@ -183,14 +135,6 @@ def _coarse_guess(image: np.ndarray, trimap: np.ndarray, config: MattingConfig) 
         return cv2.resize(trimap, (width, height), interpolation=cv2.INTER_LINEAR)
     small_alpha = _solve_closed_form(small_image, small_trimap, config.model_copy(update={"rtol": 1e-3}), coarse=False)
     return cv2.resize(small_alpha, (width, height), interpolation=cv2.INTER_LINEAR)
-
-
-def working_size(width: int, height: int, long_side: int | None) -> tuple[int, int]:
-    """(width, height) scaled down so the long side is at most ``long_side``; unchanged when None."""
-    if long_side is None or max(width, height) <= long_side:
-        return width, height
-    scale = long_side / max(width, height)
-    return max(1, round(width * scale)), max(1, round(height * scale))
 
 
 def pull_matte(

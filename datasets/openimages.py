@@ -8,16 +8,15 @@ import gzip
 import shutil
 import tempfile
 import time
-import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pandas as pd
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # The filter's output format, importable from here as before.
+from blipdiff.datasets.configs import DEFAULT_BLOCK_BYTES, DEFAULT_MEMORY_LIMIT, FilterConfig, FilterRules
 from blipdiff.datasets.subjects import SUBJECT_COLUMNS, read_subjects, write_subjects  # noqa: F401
 from blipdiff.infra.atomic import remove_stale_temporaries, write_json_atomic
 
@@ -25,52 +24,8 @@ BOX_COLUMNS = ("ImageID", "LabelName", "XMin", "XMax", "YMin", "YMax", "IsGroupO
 # The funnel's rules, in the order they are applied: a box is counted under the first that removes it.
 RULE_ORDER = ("invalid", "group", "inside", "aspect", "area", "human", "cluttered", "one_per_image")
 INVALID_REASONS = ("malformed_line", "bad_image_id", "missing_value", "unknown_class", "coordinate_out_of_range", "empty_box")
-DEFAULT_BLOCK_BYTES, DEFAULT_MEMORY_LIMIT = 4 << 20, "400MB"
 SPILL_FOLDER = ".tmp-filter-spill"  # under the temporaries' prefix
 _NUMBERS = ("x_min", "x_max", "y_min", "y_max", "group_of", "inside")  # BOX_COLUMNS[2:]; in text, "1_000" is no number
-
-
-class FilterRules(BaseModel):
-    """Thresholds and class lists of the subject filter; defaults are the paper's."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-    max_aspect: float = Field(gt=1.0)
-    min_area: float = Field(ge=0.0, le=1.0)
-    max_area: float = Field(ge=0.0, le=1.0)
-    human_classes: dict[str, str]
-    cluttered_classes: dict[str, str]
-
-    @model_validator(mode="after")
-    def _area_bounds_ordered(self) -> FilterRules:
-        if self.min_area > self.max_area:
-            raise ValueError(f"min_area {self.min_area} exceeds max_area {self.max_area}")
-        return self
-
-    @classmethod
-    def from_toml(cls, path: Path) -> FilterRules:
-        try:
-            return cls.model_validate(tomllib.loads(Path(path).read_text(encoding="utf-8")))
-        except (OSError, tomllib.TOMLDecodeError) as error:
-            raise ValueError(f"cannot read rules file {path}: {error}") from error
-
-    @classmethod
-    def paper_defaults(cls) -> FilterRules:
-        return cls.from_toml(Path(__file__).with_name("rules") / "openimages_v6.toml")
-
-
-class FilterConfig(BaseModel):
-    """Everything one run of the filter needs; shared by the CLI, the flows and the tests."""
-
-    model_config = ConfigDict(extra="forbid")
-    boxes: Path = Field(description="Open Images box annotations: .csv, .csv.gz or .parquet")
-    classes: Path = Field(description="class descriptions, `MID,Name` without a header")
-    out: Path = Field(description="folder that receives subjects.parquet and funnel.json")
-    rules: Path | None = Field(default=None, description="rules TOML; the paper's when absent")
-    block_bytes: int = Field(default=DEFAULT_BLOCK_BYTES, gt=0, description="CSV bytes the reader buffers")
-    memory_limit: str = Field(default=DEFAULT_MEMORY_LIMIT, description="DuckDB's memory limit (it spills beyond)")
-
-    def load_rules(self) -> FilterRules:
-        return FilterRules.from_toml(self.rules) if self.rules else FilterRules.paper_defaults()
 
 
 @dataclass

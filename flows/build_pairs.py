@@ -22,7 +22,7 @@ from blipdiff.datasets.openimages import RULE_ORDER, FilterConfig
 from blipdiff.flows.events import emit_pairs_built
 from blipdiff.flows.gpu import gpu_slot
 from blipdiff.infra.atomic import atomic_path
-from blipdiff.tasks.stages import build_task, catalog_task, fetch_task, filter_task
+from blipdiff.tasks.prefect_tasks import build_task, catalog_task, fetch_task, filter_task
 from prefect import flow, get_run_logger
 from prefect.artifacts import (
     create_markdown_artifact,

@@ -20,8 +20,8 @@ from blipdiff.flows.build_pairs import BuildPairsParameters, build_pairs_flow
 from blipdiff.flows.dreambench_eval import DreamBenchEvalParameters, dreambench_eval_flow
 from blipdiff.flows.latents import encode_latents_flow
 from blipdiff.flows.pretrain import pretrain_flow
-from blipdiff.models.evaluation import EvalSettings
-from blipdiff.models.training.pretrain import PretrainConfig
+from blipdiff.tasks.evaluation.config import EvalSettings
+from blipdiff.tasks.pretrain.config import PretrainConfig
 from prefect import flow, get_run_logger
 from pydantic import BaseModel, ConfigDict, Field
 

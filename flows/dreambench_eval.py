@@ -17,8 +17,8 @@ from pathlib import Path
 
 from blipdiff.flows.events import emit_evaluation_finished
 from blipdiff.flows.gpu import gpu_slot
-from blipdiff.models.evaluation import EvalConfig, EvalSettings
-from blipdiff.tasks.stages import eval_task
+from blipdiff.tasks.evaluation.config import EvalConfig, EvalSettings
+from blipdiff.tasks.prefect_tasks import eval_task
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from pydantic import Field, model_validator
@@ -41,7 +41,7 @@ class DreamBenchEvalParameters(EvalSettings):
 
     def model_and_step(self) -> tuple[str, int | None]:
         """The model to evaluate and its training step, resolved now."""
-        from blipdiff.models.training.pretrain import CHECKPOINTS, checkpoint_step, checkpoints
+        from blipdiff.tasks.pretrain.config import CHECKPOINTS, checkpoint_step, checkpoints
 
         if self.model is not None:
             # A complete checkpoint of a training run (what the chain's triggers pass) keeps its step.
@@ -89,10 +89,10 @@ def dreambench_eval_flow(parameters: DreamBenchEvalParameters):
     """Evaluate a model (or a training run's newest checkpoint) on DreamBench; fail on a regression."""
     from prefect.states import Completed, Failed
 
-    from blipdiff.infra.report import inline_png
-    from blipdiff.models.evaluation_history import (append_run, baseline_run, comparable, history_record,
+    from blipdiff.flows.artifacts import inline_png
+    from blipdiff.tasks.evaluation.history import (append_run, baseline_run, comparable, history_record,
                                                     previous_comparable, read_history, regressions)
-    from blipdiff.models.evaluation_report import PAPER_MEANS, plot_trend
+    from blipdiff.tasks.evaluation.report import PAPER_MEANS, plot_trend
 
     logger = get_run_logger()
     model, step = parameters.model_and_step()

@@ -70,7 +70,7 @@ class CheckpointAnnouncer:
     failed or interrupted save starts nothing downstream."""
 
     def __init__(self, run: Path, checkpoint_every: int):
-        from blipdiff.models.training.pretrain import checkpoints
+        from blipdiff.tasks.pretrain.config import checkpoints
 
         self.run, self.checkpoint_every = Path(run), checkpoint_every
         self.announced = {path.name for path in checkpoints(self.run)} if self.run.is_dir() else set()
@@ -81,7 +81,7 @@ class CheckpointAnnouncer:
     def poll(self, *_ignored) -> None:
         from prefect.events import emit_event
 
-        from blipdiff.models.training.pretrain import checkpoint_step, checkpoints
+        from blipdiff.tasks.pretrain.config import checkpoint_step, checkpoints
 
         with self.lock:
             found = checkpoints(self.run) if self.run.is_dir() else []

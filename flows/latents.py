@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from blipdiff.datasets.latents import EncodeLatentsConfig
 from blipdiff.flows.gpu import gpu_slot
-from blipdiff.tasks.stages import latents_task
+from blipdiff.tasks.prefect_tasks import latents_task
 from prefect import flow
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 

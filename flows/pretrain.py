@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from blipdiff.flows.events import CheckpointAnnouncer
 from blipdiff.flows.gpu import gpu_slot
-from blipdiff.models.training.pretrain import PretrainConfig
-from blipdiff.tasks.stages import pretrain_task
+from blipdiff.tasks.pretrain.config import PretrainConfig
+from blipdiff.tasks.prefect_tasks import pretrain_task
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 
@@ -19,7 +19,7 @@ from prefect.artifacts import create_markdown_artifact, create_progress_artifact
 @flow(name="pretrain", log_prints=True)
 def pretrain_flow(parameters: PretrainConfig) -> dict:
     """Pre-train BLIP-Diffusion on built pairs (resuming the run folder's newest checkpoint)."""
-    from blipdiff.infra.report import inline_png, plot_loss_curve
+    from blipdiff.flows.artifacts import inline_png, plot_loss_curve
 
     progress = create_progress_artifact(progress=0.0, key="pretrain-progress", description="training steps done")
 

@@ -17,7 +17,7 @@ from blipdiff.models.devices import resolve_device, torch_dtype
 if TYPE_CHECKING:
     from transformers import CLIPSegForImageSegmentation, CLIPSegProcessor
 
-    from blipdiff.datasets.matting import Box
+    from blipdiff.infra.images import Box
 
 
 class ClipSegSegmenter:

@@ -10,7 +10,7 @@ from typing import Protocol
 
 import cv2
 import numpy as np
-from blipdiff.datasets.matting import Box, box_in_pixels, working_size
+from blipdiff.infra.images import Box, box_in_pixels, working_size
 
 
 class Segmenter(Protocol):

@@ -137,7 +137,7 @@ def test_a_build_starts_pretrain_on_its_folder(served, chained):
 
 
 def test_only_the_kth_checkpoints_start_an_evaluation(served, chained):
-    from blipdiff.models.evaluation_history import read_history
+    from blipdiff.tasks.evaluation.history import read_history
 
     # Checkpoints 1, 2 and 3 were written; with K = 2 only the 2nd is evaluated. Time enough for a stray
     # trigger on the 3rd: it was announced before the 2nd's evaluation finished.
@@ -198,7 +198,7 @@ def flow_runs_by_id(flow_run_id):
 
 def test_the_pipeline_runs_the_chain_as_one_run_and_leaves_the_triggers_alone(served, chained):
     from blipdiff.flows.chain import PipelineParameters, blip_diffusion_pipeline
-    from blipdiff.models.evaluation_history import read_history
+    from blipdiff.tasks.evaluation.history import read_history
 
     data = served.folder / "pipeline-data"
     evaluation = served.chain.evaluation.model_copy(update={"eval_root": served.folder / "pipeline-evals"})

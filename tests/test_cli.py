@@ -30,7 +30,7 @@ def test_help_lists_the_commands_without_importing_heavy_libraries():
                       "pin-baseline", "serve", "server", "demo"}
     probe = (
         # The stages' configuration models too: a command checks its input before any heavy import.
-        "import sys, blipdiff.infra.cli, blipdiff.models.generation, blipdiff.models.editing, blipdiff.models.interpolation; "
+        "import sys, blipdiff.infra.cli, blipdiff.tasks.generate, blipdiff.tasks.edit, blipdiff.tasks.interpolate; "
         "heavy = {'pandas', 'pyarrow', 'torch', 'transformers', 'diffusers', 'ray', 'prefect', 'fiftyone'}; "
         "print(sorted(heavy & set(sys.modules)))"
     )
@@ -132,7 +132,7 @@ def test_demo_runs_the_whole_chain_on_the_bundled_sample(fiftyone_database, tmp_
 
     # The build's event started a short pre-training of a random model, and each of its two checkpoints an
     # evaluation, through the chain's triggers.
-    from blipdiff.models.evaluation_history import read_history
+    from blipdiff.tasks.evaluation.history import read_history
 
     assert "RANDOM WEIGHTS" in done.stdout and "blipdiff eval --model Salesforce/blipdiffusion" in done.stdout
     assert "started by the trigger" in done.stdout and "Watch the chain in the Prefect UI" in done.stdout
@@ -159,7 +159,7 @@ def test_serve_refuses_a_schedule_it_cannot_run(tmp_path):
 
 
 def test_pin_baseline_names_a_run_of_the_history(tmp_path):
-    from blipdiff.models.evaluation_history import append_run
+    from blipdiff.tasks.evaluation.history import append_run
 
     refused = blipdiff("pin-baseline", "--eval-root", str(tmp_path), "--run", "nightly-1")
     assert refused.returncode == 2 and "no run 'nightly-1'" in refused.stderr

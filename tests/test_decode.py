@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from blipdiff.datasets.decode import DEFAULT_MAX_PIXELS, MAX_DECODABLE_PIXELS, DecodeFailure, inspect_image
+from blipdiff.infra.images import DEFAULT_MAX_PIXELS, MAX_DECODABLE_PIXELS, DecodeFailure, inspect_image
 
 
 def blank_png(path, width: int, height: int):

@@ -17,10 +17,13 @@ from tiny_models import save_tiny_blip_diffusion
 from typer.testing import CliRunner
 
 from blipdiff.infra.cli import app
-from blipdiff.models.dreambooth import load_dreambooth, load_stable_diffusion
+from blipdiff.models.stable_diffusion import load_dreambooth, load_stable_diffusion
 from blipdiff.models.random_models import save_tiny_stable_diffusion
-from blipdiff.models.training.dreambooth import (DreamBoothConfig, class_image_folder, draw_batch, dreambooth_loss,
-                                                 ensure_class_images, run_dreambooth, train_worker)
+from blipdiff.models.training.dreambooth_model import draw_batch
+from blipdiff.models.training.objective import dreambooth_loss
+from blipdiff.tasks.dreambooth.class_images import class_image_folder, ensure_class_images
+from blipdiff.tasks.dreambooth.config import DreamBoothConfig
+from blipdiff.tasks.dreambooth.train import run_dreambooth, train_worker
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -185,7 +188,7 @@ def test_the_defaults_are_diffusers_recipe_prior_preservation_clipping_and_a_lea
         base, photos, class_cache, tmp_path, monkeypatch):
     """What `blipdiff dreambooth` runs when told nothing: prior preservation (the paper's defining loss;
     --no-prior-preservation turns it off), gradients clipped at a norm of 1.0, lr 5e-6, or 2e-4 for LoRA."""
-    import blipdiff.models.training.dreambooth as dreambooth
+    import blipdiff.tasks.dreambooth.train as dreambooth
 
     given = []
     monkeypatch.setattr(dreambooth, "run_dreambooth", lambda config, log: given.append(config))

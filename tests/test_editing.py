@@ -19,7 +19,7 @@ from blipdiff.infra.cli import app
 from blipdiff.models.blip_diffusion import BlipDiffusionPipeline
 from blipdiff.models.blip_diffusion import attention_control
 from blipdiff.models.blip_diffusion.attention_control import edit_mask, invert, source_pixels, text_trajectory
-from blipdiff.models.interpolation import interpolation_weights
+from blipdiff.tasks.interpolate import interpolation_weights
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

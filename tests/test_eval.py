@@ -18,7 +18,7 @@ from tiny_models import save_tiny_blip_diffusion, save_tiny_clip, save_tiny_dino
 from typer.testing import CliRunner
 
 from blipdiff.infra.cli import app
-from blipdiff.models.evaluation import image_seed
+from blipdiff.tasks.evaluation.config import image_seed
 
 SUBJECTS = ("dog", "vase")
 
@@ -95,7 +95,7 @@ def test_score_on_the_run_gives_the_same_scores(finished_run, dreambench, models
 def test_the_run_is_catalogued_once_with_scores_and_references(finished_run, dreambench):
     import fiftyone as fo
 
-    from blipdiff.datasets.dreambench_catalog import catalog_evaluation
+    from blipdiff.tasks.evaluation.catalog import catalog_evaluation
 
     dataset = fo.load_dataset("eval-test")
     generated = dataset.match_tags("generated")
@@ -196,7 +196,8 @@ def test_a_rerun_with_other_settings_is_refused(finished_run, models, dreambench
 
 
 def test_the_zero_shot_reference_is_every_photo_the_first_or_a_file(models, dreambench, tmp_path):
-    from blipdiff.models.evaluation import EvalConfig, plan, reference_photos
+    from blipdiff.tasks.evaluation.config import EvalConfig, reference_photos
+    from blipdiff.tasks.evaluation.run import plan
 
     dog = sorted((dreambench / "dog").glob("*.jpg"))
     vase = sorted((dreambench / "vase").glob("*.jpg"))
@@ -261,9 +262,10 @@ def test_a_dreambooth_report_on_a_base_other_than_stable_diffusion_15_says_the_p
     """The paper's DreamBooth numbers are DreamBooth on Stable Diffusion: a report of DreamBooth on another
     base (a BLIP-Diffusion checkpoint, whose U-Net and text encoder stage-2 pre-training trained, or another
     architecture) says they are not like for like; on Stable Diffusion 1.5 it does not."""
-    from blipdiff.models.dreambooth import not_stable_diffusion_15
-    from blipdiff.models.evaluation import EvalConfig, report_notes
-    from blipdiff.models.evaluation_report import write_report
+    from blipdiff.models.stable_diffusion import not_stable_diffusion_15
+    from blipdiff.tasks.evaluation.baseline import report_notes
+    from blipdiff.tasks.evaluation.config import EvalConfig
+    from blipdiff.tasks.evaluation.report import write_report
     from blipdiff.models.random_models import save_tiny_stable_diffusion
 
     tiny = save_tiny_stable_diffusion(tmp_path / "tiny-sd")
@@ -296,14 +298,16 @@ def test_a_dreambooth_report_on_a_base_other_than_stable_diffusion_15_says_the_p
 
 def test_the_text_encoder_gets_the_authors_text_for_each_prompt_kind(models, dreambench, tmp_path):
     """One prompt of each kind through the evaluation's own generator, the tokenizer's input recorded."""
-    from blipdiff.models.evaluation import EvalConfig, SubjectGenerator, plan
+    from blipdiff.tasks.evaluation.actors import SubjectGenerator
+    from blipdiff.tasks.evaluation.config import EvalConfig
+    from blipdiff.tasks.evaluation.run import plan
 
     config = EvalConfig(model=models["model"], dreambench=dreambench, out=tmp_path / "run", subjects=["dog"],
                         prompts=21, images_per_prompt=1, steps=2, resolution=32, dataset=None)
     bench, subjects, jobs = plan(config)
     kinds = {0: "recontextualization", 10: "accessorization", 20: "property"}
-    jobs = [job for job in jobs if job["prompt_index"] in kinds]
-    assert [job["kind"] for job in jobs] == list(kinds.values())
+    jobs = [job for job in jobs if job.prompt_index in kinds]
+    assert [job.kind for job in jobs] == list(kinds.values())
     (config.out / "journal").mkdir(parents=True)
     generator = SubjectGenerator(config)
     tokenizer = generator.pipe.tokenizer
@@ -320,4 +324,4 @@ def test_the_text_encoder_gets_the_authors_text_for_each_prompt_kind(models, dre
                 ", ".join(["a red dog"] * 15)]
     # Each image's prompt, then its empty negative prompt (guidance 7.5), encoded without the subject.
     assert received[0::2] == expected and received[1::2] == [""] * 3
-    assert [job["text_encoder_prompt"] for job in jobs] == expected
+    assert [job.text_encoder_prompt for job in jobs] == expected

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from blipdiff.models.evaluation_history import (append_run, baseline_run, fingerprint, pin_baseline,
+from blipdiff.tasks.evaluation.history import (append_run, baseline_run, fingerprint, pin_baseline,
                                                 read_history, regressions)
 
 SETTINGS = fingerprint({"subjects": ["dog", "vase"], "prompts": 25, "images_per_prompt": 4, "steps": 100})

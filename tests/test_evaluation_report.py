@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from blipdiff.models.evaluation_report import PAPER_PER_SUBJECT, write_report
+from blipdiff.tasks.evaluation.report import PAPER_PER_SUBJECT, write_report
 
 
 def scores() -> list[dict]:

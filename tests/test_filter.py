@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
+import re
 import shutil
 import threading
 import time
@@ -450,3 +451,31 @@ def test_the_memory_limit_spills_inside_out_and_the_spill_is_removed(tmp_path, b
         filter_subjects(boxes, classes, FilterRules.paper_defaults(), memory_limit="20MB")
     with pytest.raises(ValueError, match="memory limit 'lots'"):
         filter_subjects(boxes, classes, FilterRules.paper_defaults(), memory_limit="lots")
+
+
+def test_the_benchmark_file_has_the_real_train_files_shape(tmp_path, bench_filter):
+    """bench/filter.py's rows are written as the real V6 train head's: same header, every column filled, six
+    decimals for coordinates and clicks (-1 for a box without clicks), 0/1 flags; about the real bytes a row."""
+    real = shared_path("openimages", "format_samples", "oidv6-train-annotations-bbox_head.csv")
+    classes = shared_path("openimages", "class-descriptions-boxable.csv")
+    boxes = tmp_path / "boxes.csv"
+    bench_filter.generate_v6_boxes(boxes, 20_000, classes, seed=1)
+    real_lines, lines = real.read_text().splitlines(), boxes.read_text().splitlines()
+    assert lines[0] == real_lines[0]
+    decimals, flags = r"(0\.\d{6}|1\.000000)", "[01]"
+    for line in [*real_lines[1:], *lines[1:]]:
+        cells = line.split(",")
+        assert len(cells) == 21 and all(cells)
+        assert re.fullmatch("[0-9a-f]{16}", cells[0]) and cells[3] == "1"
+        assert all(re.fullmatch(decimals, cell) for cell in cells[4:8])
+        assert all(re.fullmatch(flags, cell) for cell in cells[8:13])
+        clicks = {"xclick": decimals, "activemil": "-1"}[cells[1]]
+        assert all(re.fullmatch(clicks, cell) for cell in cells[13:])
+    assert abs(boxes.stat().st_size / (len(lines) - 1) / bench_filter.REAL_BYTES_PER_ROW - 1) < 0.03
+
+
+def test_the_seconds_of_each_statement_are_reported(generated_boxes):
+    sorted_boxes, _, classes = generated_boxes
+    result = filter_subjects(sorted_boxes, classes, FilterRules.paper_defaults())
+    assert list(result.seconds) == ["pairs", "crowded", "passed", "subjects", "totals"]
+    assert all(seconds >= 0 for seconds in result.seconds.values())

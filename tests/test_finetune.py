@@ -16,7 +16,7 @@ from PIL import Image
 from tiny_models import save_tiny_blip_diffusion
 
 from blipdiff.models.blip_diffusion import BlipDiffusionPipeline, CheckpointError
-from blipdiff.models.training.finetune import FinetuneConfig, finetune
+from blipdiff.tasks.finetune import FinetuneConfig, finetune
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

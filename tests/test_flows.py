@@ -204,7 +204,7 @@ def test_the_pretrain_flow_trains_and_reports(prefect_server, ray_cluster, tmp_p
     from tiny_models import save_tiny_blip_diffusion
 
     from blipdiff.flows.pretrain import pretrain_flow
-    from blipdiff.models.training.pretrain import PretrainConfig
+    from blipdiff.tasks.pretrain.config import PretrainConfig
 
     pairs = write_pairs(tmp_path / "pairs")
     model = save_tiny_blip_diffusion(tmp_path / "model")
@@ -230,7 +230,7 @@ def checkpointed_run(folder, step: int):
 
     from tiny_models import save_tiny_blip_diffusion
 
-    from blipdiff.models.training.pretrain import CHECKPOINTS, STATE_FILE, TRAINING_STATE, checkpoint_name
+    from blipdiff.tasks.pretrain.config import CHECKPOINTS, STATE_FILE, TRAINING_STATE, checkpoint_name
 
     checkpoint = save_tiny_blip_diffusion(folder / CHECKPOINTS / checkpoint_name(step))
     (checkpoint / TRAINING_STATE).mkdir()
@@ -247,7 +247,7 @@ def test_the_dreambench_eval_flow_evaluates_the_newest_checkpoint_and_fails_on_a
     from tiny_models import save_tiny_clip, save_tiny_dino
 
     from blipdiff.flows.dreambench_eval import DreamBenchEvalParameters, dreambench_eval_flow
-    from blipdiff.models.evaluation_history import append_run, pin_baseline, read_history
+    from blipdiff.tasks.evaluation.history import append_run, pin_baseline, read_history
 
     run = checkpointed_run(tmp_path / "stage2", step=10)
     root = tmp_path / "evals"

@@ -26,8 +26,8 @@ from typer.testing import CliRunner
 from blipdiff.datasets.latents import EncodeLatentsConfig, encode_latents
 from blipdiff.datasets.training_pairs import SampleRecipe, WorkerSchedule, make_sample
 from blipdiff.infra.cli import app
-from blipdiff.models.training.distributed import run_pretrain
-from blipdiff.models.training.pretrain import PretrainConfig, checkpoints
+from blipdiff.tasks.pretrain.launch import run_pretrain
+from blipdiff.tasks.pretrain.config import PretrainConfig, checkpoints
 
 BLIPDIFF = Path(sys.executable).parent / "blipdiff"
 # Two workers of batch 1; a learning rate the tiny model moves with in a few steps (the real one is 2e-6).
@@ -217,7 +217,7 @@ def checkpoint_steps(run: Path) -> list[int]:
 def test_subject_dropout_is_drawn_per_sample_and_the_text_alone_then_guides(model, pairs, ray_cluster, tmp_path):
     from blipdiff.models.blip_diffusion import BlipDiffusionPipeline
     from blipdiff.models.training.objective import PretrainObjective
-    from blipdiff.models.training.pretrain import batch_inputs
+    from blipdiff.models.training.pretrain_model import batch_inputs
 
     encode_latents(EncodeLatentsConfig(pairs=pairs, model=str(model), resolution=32), log=lambda line: None)
     record = {"input_path": str(pairs / "input/00/0000000000000000.jpg"), "label": "dog",
@@ -284,7 +284,7 @@ def test_latents_are_cached_per_vae_and_missing_files_are_counted(ray_cluster, m
     assert len(list((pairs / "latents").iterdir())) == 3
 
     # Pre-training counts and skips the pairs it cannot use.
-    from blipdiff.models.training.distributed import prepare_records
+    from blipdiff.tasks.pretrain.launch import prepare_records
 
     lines = []
     config = PretrainConfig(pairs=[pairs], init=str(model), out=tmp_path / "run", **RUN)

@@ -32,7 +32,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from blipdiff.models.blip_diffusion.image_processor import ImageInput, open_rgb, to_signed_tensor
-from blipdiff.models.editing import CROSS_REPLACE_STEPS, MASK_THRESHOLD
+from blipdiff.models.sampling import CROSS_REPLACE_STEPS, MASK_THRESHOLD
 
 
 

@@ -95,6 +95,15 @@ def read_json(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: unreadable ({error})") from error
 
 
+def read_record(folder: Path, file: str, kind: str) -> dict[str, Any]:
+    """The record that marks a written checkpoint complete (``file`` in ``folder``); a folder without one is
+    not a ``kind``."""
+    path = Path(folder) / file
+    if not path.is_file():
+        raise CheckpointError(f"{folder} is not a {kind}: it has no {file}")
+    return json.loads(path.read_text())
+
+
 def parse_config(config_class: type, data: dict[str, Any], component: str) -> Any:
     """A transformers config from a component's ``config.json``, or an error naming the component."""
     from huggingface_hub.errors import StrictDataclassError

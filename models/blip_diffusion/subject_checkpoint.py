@@ -4,14 +4,13 @@ U-Net (``full``) or a LoRA adapter on the U-Net's attention projections (``lora`
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file
 
-from blipdiff.models.blip_diffusion.checkpoint import CheckpointError
+from blipdiff.models.blip_diffusion.checkpoint import CheckpointError, read_record
 
 SUBJECT_FILE = "subject.json"
 EMBEDDING_FILE = "subject_embedding.safetensors"
@@ -21,11 +20,8 @@ LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
-def read_record(folder: Path) -> dict[str, Any]:
-    path = folder / SUBJECT_FILE
-    if not path.is_file():
-        raise CheckpointError(f"{folder} is not a subject checkpoint: it has no {SUBJECT_FILE}")
-    return json.loads(path.read_text())
+def read_subject_record(folder: Path) -> dict[str, Any]:
+    return read_record(folder, SUBJECT_FILE, "subject checkpoint")
 
 
 def apply_subject(unet: torch.nn.Module, folder: Path) -> tuple[torch.nn.Module, torch.Tensor]:
@@ -33,7 +29,7 @@ def apply_subject(unet: torch.nn.Module, folder: Path) -> tuple[torch.nn.Module,
     ``lora``) and the subject embedding [1, Q, D]."""
     import diffusers
 
-    record = read_record(folder)
+    record = read_subject_record(folder)
     embeds = load_file(folder / EMBEDDING_FILE)["subject_embeds"]
     if record["mode"] == "full":
         tuned = diffusers.UNet2DConditionModel.from_pretrained(folder / UNET_FOLDER, torch_dtype=unet.dtype)

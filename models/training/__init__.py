@@ -1,1 +1,1 @@
-"""Training loops: few-step subject fine-tuning (and, later, stage-2 pre-training)."""
+"""Training objectives, the optimiser, learning rates, and the model side of pre-training and DreamBooth."""

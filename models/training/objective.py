@@ -1,10 +1,12 @@
-"""The pre-training loss of one batch, over the modules that train (what DDP wraps).
+"""The training losses: pre-training's, over the modules that train (what DDP wraps), and DreamBooth's.
 
-The ViT stays frozen (its ``post_layernorm``, BLIP-2's ``ln_vision``, trains) and in inference mode;
+In pre-training the ViT stays frozen (its ``post_layernorm``, BLIP-2's ``ln_vision``, trains) and in inference mode;
 the VAE is not here at all, since the targets arrive as cached latents.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from diffusers import DDPMScheduler
@@ -55,3 +57,23 @@ class PretrainObjective(nn.Module):
         prediction = self.unet(noisy, timesteps, encoder_hidden_states=context).sample
         return torch.nn.functional.mse_loss(prediction.float(), target.float())
 
+
+@dataclass
+class LossParts:
+    total: object  # torch.Tensor
+    instance: object
+    prior: object | None
+
+
+def dreambooth_loss(unet, latents, noise, timesteps, context, instances: int, prior_loss_weight: float,
+                    schedule) -> LossParts:
+    """One batch of ``instances`` subject samples followed (with prior preservation) by as many class
+    samples: the instance MSE of the predicted noise plus ``prior_loss_weight`` times the class MSE."""
+    noisy = schedule.add_noise(latents, noise, timesteps)
+    target = noise if schedule.config.prediction_type == "epsilon" else schedule.get_velocity(latents, noise, timesteps)
+    prediction = unet(noisy, timesteps, encoder_hidden_states=context).sample.float()
+    instance = nn.functional.mse_loss(prediction[:instances], target[:instances].float())
+    if prediction.shape[0] == instances:
+        return LossParts(instance, instance, None)
+    prior = nn.functional.mse_loss(prediction[instances:], target[instances:].float())
+    return LossParts(instance + prior_loss_weight * prior, instance, prior)

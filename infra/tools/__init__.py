@@ -1,0 +1,1 @@
+"""Scripts run by hand for the docs: the README's figures and the screenshots of the web UIs in docs/img/."""
