@@ -76,7 +76,7 @@ def table(measurements: list[Measurement]) -> str:
 def random_metric_models(folder: Path, tiny: bool) -> tuple[str, str]:
     """DINO ViT-S/16 and CLIP ViT-B/32 with random weights (or the package's tiny ones), saved as on the hub."""
     if tiny:
-        from blipdiff.models.random_models import save_tiny_clip, save_tiny_dino
+        from blipdiff.infra.demo.random_models import save_tiny_clip, save_tiny_dino
 
         return str(save_tiny_dino(folder / "dino")), str(save_tiny_clip(folder / "clip"))
     import transformers
@@ -142,7 +142,7 @@ def main() -> None:
     try:
         started = time.perf_counter()
         if args.tiny:
-            from blipdiff.models.random_models import save_tiny_blip_diffusion
+            from blipdiff.infra.demo.random_models import save_tiny_blip_diffusion
 
             model, parameters = str(save_tiny_blip_diffusion(work / "checkpoint")), ""
         else:

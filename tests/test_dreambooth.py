@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from blipdiff.infra.cli import app
 from blipdiff.models.stable_diffusion import load_dreambooth, load_stable_diffusion
-from blipdiff.models.random_models import save_tiny_stable_diffusion
+from blipdiff.infra.demo.random_models import save_tiny_stable_diffusion
 from blipdiff.models.training.dreambooth_model import draw_batch
 from blipdiff.models.training.objective import dreambooth_loss
 from blipdiff.tasks.dreambooth.class_images import class_image_folder, ensure_class_images

@@ -221,7 +221,7 @@ def test_the_zero_shot_reference_is_every_photo_the_first_or_a_file(models, drea
 def test_dreambooth_on_dreambench_writes_the_same_outputs_and_compares(finished_run, models, dreambench, tmp_path):
     """`eval --method dreambooth`: DreamBooth fine-tuned per subject on a tiny Stable Diffusion, the same
     protocol, outputs and scoring as the BLIP-Diffusion run, then `compare` sets the two side by side."""
-    from blipdiff.models.random_models import save_tiny_stable_diffusion
+    from blipdiff.infra.demo.random_models import save_tiny_stable_diffusion
 
     base = save_tiny_stable_diffusion(tmp_path / "stable-diffusion")
     out = tmp_path / "dreambooth-run"
@@ -266,7 +266,7 @@ def test_a_dreambooth_report_on_a_base_other_than_stable_diffusion_15_says_the_p
     from blipdiff.tasks.evaluation.baseline import report_notes
     from blipdiff.tasks.evaluation.config import EvalConfig
     from blipdiff.tasks.evaluation.report import write_report
-    from blipdiff.models.random_models import save_tiny_stable_diffusion
+    from blipdiff.infra.demo.random_models import save_tiny_stable_diffusion
 
     tiny = save_tiny_stable_diffusion(tmp_path / "tiny-sd")
     # Stable Diffusion 1.5's configs (the weights are not read): the tiny model's folder, its configs made SD1.5's.

@@ -1,5 +1,5 @@
 """Tiny random models for the tests: the package's (BLIP-Diffusion, DINO, CLIP: the demo uses them too)
-and the data pipeline's captioner and segmenter, built the same way (see blipdiff.models.random_models).
+and the data pipeline's captioner and segmenter, built the same way (see blipdiff.infra.demo.random_models).
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from blipdiff.models.random_models import (  # noqa: F401  (re-exported for the tests)
+from blipdiff.infra.demo.random_models import (  # noqa: F401  (re-exported for the tests)
     CORPUS,
     NUM_QUERY_TOKENS,
     SUBJECT_VOCAB,

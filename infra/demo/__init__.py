@@ -32,7 +32,7 @@ RELEASED = """With the released weights (downloaded once from the Hugging Face h
 
 def random_models(folder: Path) -> dict[str, Path]:
     """The demo's small random BLIP-Diffusion, DINO and CLIP (made once)."""
-    from blipdiff.models.random_models import save_tiny_blip_diffusion, save_tiny_clip, save_tiny_dino
+    from blipdiff.infra.demo.random_models import save_tiny_blip_diffusion, save_tiny_clip, save_tiny_dino
 
     builders = {"blip-diffusion": save_tiny_blip_diffusion, "dino": save_tiny_dino, "clip": save_tiny_clip}
     models = {}

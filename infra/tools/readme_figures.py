@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from blipdiff.infra.tools.screenshots import IMAGES
 from blipdiff.models.blip_diffusion.controlnet import canny_edges
-from blipdiff.models.random_models import save_tiny_blip_diffusion, save_tiny_controlnet
+from blipdiff.infra.demo.random_models import save_tiny_blip_diffusion, save_tiny_controlnet
 
 BLIPDIFF = Path(sys.executable).parent / "blipdiff"
 DREAMBENCH = Path(__file__).resolve().parents[3] / "shared" / "data" / "dreambench" / "dataset"
