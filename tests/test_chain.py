@@ -67,10 +67,10 @@ def served(tmp_path_factory, fiftyone_database):
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL
 
-    from blipdiff.infra.demo import random_models
+    from blipdiff.infra.demo import demo_models
 
     folder = tmp_path_factory.mktemp("chain")
-    models = random_models(folder / "models")
+    models = demo_models(folder / "models")
     bench = write_demo_dreambench(folder / "dreambench")
     chain = ChainConfig(
         pretrain=PretrainPlan(init=str(models["blip-diffusion"]), out=folder / "runs", steps=3, batch_size=2,

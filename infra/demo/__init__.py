@@ -30,8 +30,9 @@ RELEASED = """With the released weights (downloaded once from the Hugging Face h
   blipdiff serve --chain chain.json [--work-pool gpu]   (the chain: a build starts pretrain, its K-th checkpoints an evaluation)"""
 
 
-def random_models(folder: Path) -> dict[str, Path]:
-    """The demo's small random BLIP-Diffusion, DINO and CLIP (made once)."""
+def demo_models(folder: Path) -> dict[str, Path]:
+    """The demo's small random BLIP-Diffusion, DINO and CLIP (made once). Not named ``random_models``: that is
+    the submodule's name, and importing the submodule would put it in this function's place."""
     from blipdiff.infra.demo.random_models import save_tiny_blip_diffusion, save_tiny_clip, save_tiny_dino
 
     builders = {"blip-diffusion": save_tiny_blip_diffusion, "dino": save_tiny_dino, "clip": save_tiny_clip}
@@ -57,7 +58,7 @@ def run_demo(out: Path, dataset: str, log: Callable[[str], None] = print) -> dic
     photos.mkdir(parents=True, exist_ok=True)
     backgrounds.mkdir(parents=True, exist_ok=True)
     write_demo_photos(photos, backgrounds)
-    models = random_models(out / "models")
+    models = demo_models(out / "models")
     bench = write_demo_dreambench(out / "sample" / "dreambench")
     # Six steps, a checkpoint every three, each evaluated (K = 1): the first evaluation waits, in the UI,
     # for the GPU slot that the training holds.
