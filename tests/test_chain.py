@@ -110,19 +110,68 @@ def served(tmp_path_factory, fiftyone_database):
             ray.shutdown()
 
 
+def flow_run_logs(flow_run_id) -> list[str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        return [log.message for log in client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))]
+
+
+def flow_run_by_id(flow_run_id):
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(flow_run_id)
+
+
+def training_tasks(flow_run_id) -> list:
+    return [task for task in task_runs(flow_run_id) if task.name.startswith("pretrain")]
+
+
 @pytest.fixture(scope="module")
 def chained(served):
-    """A build of the bundled sample, run as a user would, and what its events start."""
+    """A build of the bundled sample, run as a user would, and what its events start. The checks of a failed
+    pretrain and of the GPU limit ride along, so that the module starts as few flow runs as it can: while
+    this process holds the only GPU slot, a pretrain that cannot start its model is run too, and the
+    pretrain that the build triggered must wait."""
+    from prefect.concurrency.sync import concurrency
+    from prefect.deployments import run_deployment
+
     from blipdiff.flows.build_pairs import build_pairs_flow
+    from blipdiff.flows.gpu import GPU_LIMIT
 
     data = served.folder / "data"
-    assert build_pairs_flow(sample_build(served.folder / "sample", data))["pairs"] == 3
-    [pretrain] = wait_for(lambda: flow_runs("pretrain/test"), "the triggered pretrain", served.process)
-    pretrain = wait_for(lambda: [run for run in flow_runs("pretrain/test") if run.state.is_final()],
-                        "the pretrain to finish", served.process)[0]
-    evaluations = wait_for(lambda: [run for run in flow_runs("dreambench_eval/test") if run.state.is_final()],
+    run = served.folder / "runs" / "data"
+    with concurrency(GPU_LIMIT, occupy=1, strict=True):
+        assert build_pairs_flow(sample_build(served.folder / "sample", data))["pairs"] == 3
+        # A starting model that is no checkpoint: the run fails before it writes any.
+        broken = served.folder / "broken-model"
+        broken.mkdir()
+        failing = served.chain.pretrain.for_pairs(data).model_dump(mode="json")
+        failing.update(init=str(broken), out=str(served.folder / "runs" / "failed"))
+        failed = run_deployment("pretrain/test", parameters={"parameters": failing}, timeout=0)
+        [pretrain] = wait_for(lambda: [r for r in flow_runs("pretrain/test")
+                                       if r.parameters["parameters"]["out"] == str(run)],
+                              "the triggered pretrain", served.process)
+        wait_for(lambda: any("waiting for a slot" in message for message in flow_run_logs(pretrain.id)),
+                 "the triggered pretrain to ask for the GPU", served.process)
+        # Long enough for an unenforced limit to let it through: it asked, and it must still be waiting.
+        time.sleep(5)
+        gpu_waited = not training_tasks(pretrain.id) and not any(
+            "got a GPU slot" in message for message in flow_run_logs(pretrain.id))
+        released = time.time()
+    pretrain = wait_for(lambda: (found := flow_run_by_id(pretrain.id)).state.is_final() and found,
+                        "the pretrain to finish", served.process)
+    failed = wait_for(lambda: (found := flow_run_by_id(failed.id)).state.is_final() and found,
+                      "the failing pretrain to end", served.process)
+    evaluations = wait_for(lambda: [r for r in flow_runs("dreambench_eval/test") if r.state.is_final()],
                            "the triggered evaluation", served.process)
-    return SimpleNamespace(data=data, pretrain=pretrain, evaluations=evaluations)
+    # Time enough for a stray trigger (on the 3rd checkpoint, announced before the 2nd's evaluation
+    # finished, or on anything of the failed run): the triggers see every event within seconds.
+    time.sleep(15)
+    return SimpleNamespace(data=data, pretrain=pretrain, failed=failed, evaluations=evaluations,
+                           gpu_waited=gpu_waited, released=released)
 
 
 def test_a_build_starts_pretrain_on_its_folder(served, chained):
@@ -139,9 +188,7 @@ def test_a_build_starts_pretrain_on_its_folder(served, chained):
 def test_only_the_kth_checkpoints_start_an_evaluation(served, chained):
     from blipdiff.tasks.evaluation.history import read_history
 
-    # Checkpoints 1, 2 and 3 were written; with K = 2 only the 2nd is evaluated. Time enough for a stray
-    # trigger on the 3rd: it was announced before the 2nd's evaluation finished.
-    time.sleep(10)
+    # Checkpoints 1, 2 and 3 were written; with K = 2 only the 2nd is evaluated.
     runs = flow_runs("dreambench_eval/test")
     checkpoint = served.folder / "runs" / "data" / "checkpoints" / "step-0000002"
     assert [run.parameters["parameters"]["model"] for run in runs] == [str(checkpoint.resolve())]
@@ -152,48 +199,21 @@ def test_only_the_kth_checkpoints_start_an_evaluation(served, chained):
 
 
 def test_a_failed_pretrain_starts_nothing_downstream(served, chained):
-    from prefect.deployments import run_deployment
-
-    # A run whose starting model is no checkpoint fails before it writes any.
-    broken = served.folder / "broken-model"
-    broken.mkdir()
-    parameters = served.chain.pretrain.for_pairs(chained.data).model_dump(mode="json")
-    parameters.update(init=str(broken), out=str(served.folder / "runs" / "failed"))
-    before = len(flow_runs("dreambench_eval/test"))
-    run = run_deployment("pretrain/test", parameters={"parameters": parameters}, timeout=600)
-    assert run.state.is_failed(), run.state
-    time.sleep(15)  # the triggers see every event within seconds
-    assert len(flow_runs("dreambench_eval/test")) == before
+    assert chained.failed.state.is_failed(), chained.failed.state
     assert not (served.folder / "runs" / "failed" / "checkpoints").exists()
+    # The one evaluation is the triggered run's 2nd checkpoint's: the failed run started none.
+    failed_run = str(served.folder / "runs" / "failed")
+    assert not [run for run in flow_runs("dreambench_eval/test")
+                if run.parameters["parameters"]["model"].startswith(failed_run)]
+    assert len(flow_runs("dreambench_eval/test")) == 1
 
 
 def test_the_gpu_limit_makes_a_second_gpu_flow_wait(served, chained):
-    from prefect.concurrency.sync import concurrency
-    from prefect.deployments import run_deployment
-
-    from blipdiff.flows.gpu import GPU_LIMIT
-
-    # The finished run again: its training task returns at once, once it has the GPU.
-    parameters = chained.pretrain.parameters
-    with concurrency(GPU_LIMIT, occupy=1, strict=True):
-        waiting = run_deployment("pretrain/test", parameters=parameters, timeout=0)
-        wait_for(lambda: flow_runs_by_id(waiting.id).state.is_running(), "the second run to start", served.process)
-        time.sleep(20)
-        assert not [task for task in task_runs(waiting.id) if task.name.startswith("pretrain")], \
-            "the training task started while another stage held the GPU"
-        released = time.time()
-    done = wait_for(lambda: (run := flow_runs_by_id(waiting.id)).state.is_final() and run, "the second run",
-                    served.process)
-    assert done.state.is_completed(), done.state
-    [training] = [task for task in task_runs(waiting.id) if task.name.startswith("pretrain")]
-    assert training.start_time.timestamp() >= released
-
-
-def flow_runs_by_id(flow_run_id):
-    from prefect.client.orchestration import get_client
-
-    with get_client(sync_client=True) as client:
-        return client.read_flow_run(flow_run_id)
+    # The triggered pretrain asked for the GPU while this process held the only slot: it waited, and its
+    # training began only once the slot was free.
+    assert chained.gpu_waited, "the training started while another stage held the GPU"
+    [training] = training_tasks(chained.pretrain.id)
+    assert training.start_time.timestamp() >= chained.released
 
 
 def test_the_pipeline_runs_the_chain_as_one_run_and_leaves_the_triggers_alone(served, chained):
@@ -205,7 +225,7 @@ def test_the_pipeline_runs_the_chain_as_one_run_and_leaves_the_triggers_alone(se
     parameters = PipelineParameters(build=sample_build(served.folder / "sample", data),
                                     pretrain=served.chain.pretrain.model_copy(update={"steps": 2}),
                                     evaluation=evaluation)
-    pretrain_runs = len(flow_runs("pretrain/test"))
+    pretrain_runs, evaluation_runs = len(flow_runs("pretrain/test")), len(flow_runs("dreambench_eval/test"))
     result = blip_diffusion_pipeline(parameters)
     assert result["pairs"]["pairs"] == 3 and result["latents"]["encoded"] + result["latents"]["cached"] == 3
     assert result["pretrain"]["step"] == 2
@@ -214,6 +234,8 @@ def test_the_pipeline_runs_the_chain_as_one_run_and_leaves_the_triggers_alone(se
     assert result["evaluation"]["checkpoint_step"] == 2
     [evaluated] = read_history(served.folder / "pipeline-evals")
     assert evaluated["checkpoint_step"] == 2
-    # Its subflows' events are its own: the served chain started nothing for them.
+    # Its subflows' events are its own: the served chain started nothing for them (its 2nd checkpoint is a
+    # K-th one, which the evaluation trigger would take but for the subflow label).
     time.sleep(10)
     assert len(flow_runs("pretrain/test")) == pretrain_runs
+    assert len(flow_runs("dreambench_eval/test")) == evaluation_runs
