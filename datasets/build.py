@@ -11,7 +11,6 @@ crash, skips it. ``pairs.parquet`` and ``rejects.parquet`` are rebuilt from the 
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import time
@@ -35,10 +34,11 @@ from blipdiff.datasets.matting import (
     pull_matte,
 )
 from blipdiff.datasets.subjects import read_subjects
-from blipdiff.infra.atomic import atomic_path, remove_stale_temporaries, write_json_atomic
+from blipdiff.infra.atomic import atomic_path, remove_stale_temporaries
 from blipdiff.infra.images import DecodeFailure, decode_image
 from blipdiff.infra.journal import JOURNAL_NAME, Journal
 from blipdiff.infra.ray_cluster import connect_ray
+from blipdiff.infra.run_folder import claim_run_folder, record_run_folder
 
 STAGES = ("decode", "caption", "segment", "trimap", "matte", "composite")
 IMAGE_KINDS = {"target": ".jpg", "composite": ".jpg", "input": ".jpg", "alpha": ".png", "trimap": ".png"}
@@ -273,18 +273,10 @@ def _batch(rows: list[dict]) -> dict:
 
 
 def _settings_guard(config: BuildConfig) -> None:
-    settings_path = config.out / SETTINGS
-    wanted = config.fingerprint()
-    if settings_path.exists():
-        existing = json.loads(settings_path.read_text())
-        if existing != wanted:
-            changed = sorted(k for k in set(existing) | set(wanted) if existing.get(k) != wanted.get(k))
-            raise ValueError(
-                f"{config.out} holds a build made with other settings ({', '.join(changed)}): "
-                "use a new --out folder so that two builds never mix"
-            )
-    else:
-        write_json_atomic(wanted, settings_path)
+    """A data folder holds one build's pairs (it is filled in place, beside subjects/ and images/)."""
+    if not claim_run_folder(config.out, config.fingerprint(), record=SETTINGS, other="a build made", run="build",
+                            must_be_new=False, advice="use a new --out folder so that two builds never mix"):
+        record_run_folder(config.out, config.fingerprint(), SETTINGS)
 
 
 def run_pipeline(config: BuildConfig, rows: list[dict], backgrounds: list[Path],
