@@ -17,7 +17,7 @@ from blipdiff.infra.inputs import SubjectText, model_location, readable_image
 from blipdiff.infra.run_folder import claim_run_folder, record_run_folder
 from blipdiff.models.devices import resolve_placement
 from blipdiff.models.sampling import CROSS_REPLACE_STEPS, MASK_THRESHOLD
-from blipdiff.tasks.sampling import Sampling, check_blend, load_blip_diffusion
+from blipdiff.tasks.sampling import Sampling, check_blend, described, load_blip_diffusion
 
 SETTINGS_FILE = "edit.json"
 OUTPUTS = ("edited.png", "source.png", "mask.png")
@@ -28,18 +28,22 @@ class EditConfig(Sampling):
     the photo ``source_image``, described as "a {edit_token} {prompt}"."""
 
     model: str = Field(description="Hub id or local checkpoint folder in the official layout.")
-    source_prompt: str | None = Field(None, description="The text of a source picture to generate.")
-    source_image: Path | None = Field(None, description="A real photo to edit (DDIM inversion).")
-    edit_token: str = Field(description="The word of the source whose region the subject takes, e.g. 'cat'.")
-    images: list[Path] = Field(min_length=1, description="Reference photos of the subject (averaged).")
+    source_prompt: str | None = Field(None, description="Generate the source picture from this text (with --seed); "
+                                      "it must contain --edit-token.")
+    source_image: Path | None = Field(None, description="Edit this photo instead (DDIM inversion), described as "
+                                      "'a <edit-token> <prompt>'.")
+    edit_token: str = Field(description="The word of the source whose region the subject takes, e.g. cat.")
+    images: list[Path] = Field(min_length=1, description="Reference photo of the subject; repeat to average several.")
     weights: list[float] | None = Field(None, description="Each reference photo's weight (default: equal).")
-    subject: SubjectText = Field(description="The subject's category, e.g. 'dog'.")
+    subject: SubjectText = Field(description="The subject's category, e.g. dog.")
     prompt: str = Field(description="The edited picture's text after the subject, e.g. 'sitting on a sofa'.")
-    out: Path
-    cross_replace_steps: float = Field(CROSS_REPLACE_STEPS, ge=0, le=1,
-                                       description="Share of the steps that keep the source's attention maps.")
-    mask_threshold: float = Field(MASK_THRESHOLD, ge=0, lt=1,
-                                  description="Share of its peak above which an attention map marks the region.")
+    out: Path = Field(description="Folder for edited.png, source.png, mask.png and edit.json.")
+    steps: int = described("steps", "DDIM steps.")
+    seed: int = described("seed", "Seed of the generated source's noise.")
+    cross_replace_steps: float = Field(CROSS_REPLACE_STEPS, ge=0, le=1, description="Share of the steps that keep the "
+                                       "source's attention maps for the shared words.")
+    mask_threshold: float = Field(MASK_THRESHOLD, ge=0, lt=1, description="Share of its peak above which an attention "
+                                  "map marks the edited region.")
 
     @model_validator(mode="after")
     def _inputs(self) -> EditConfig:

@@ -38,18 +38,19 @@ class FinetuneConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     model: str = Field(description="Hub id or local checkpoint folder in the official layout.")
-    images: list[Path] = Field(min_length=1, description="Photos of the subject, or folders of them.")
-    subject: SubjectText = Field(description="The subject's category, e.g. 'dog'.")
-    out: Path
-    steps: int = Field(80, ge=1)
-    lr: float | None = Field(None, gt=0, description="AdamW's learning rate (default: 5e-6 in full mode, 2e-4 in lora).")
-    batch_size: int = Field(3, ge=1)
-    mode: Literal["full", "lora"] = "full"
-    lora_rank: int = Field(16, ge=1)
-    precision: Literal["bf16", "fp32"] = "bf16"
+    images: list[Path] = Field(min_length=1, description="Photo of the subject, or a folder of them; repeatable.")
+    subject: SubjectText = Field(description="The subject's category, e.g. dog.")
+    out: Path = Field(description="Folder for the subject checkpoint.")
+    steps: int = Field(80, ge=1, description="Training steps (the paper: 40 to 120).")
+    lr: float | None = Field(None, gt=0, description="AdamW learning rate. Default: 5e-6 in full mode (LAVIS and the "
+                             "paper's appendix), 2e-4 in lora mode (diffusers' LoRA recipes).")
+    batch_size: int = Field(3, ge=1, description="Photos per step.")
+    mode: Literal["full", "lora"] = Field("full", description="full (the U-Net) or lora (an adapter of a few MB).")
+    lora_rank: int = Field(16, ge=1, description="Rank of the LoRA adapter.")
+    precision: Literal["bf16", "fp32"] = Field("bf16", description="bf16 (autocast over fp32 weights) or fp32.")
     weight_decay: float = Field(0.01, ge=0)
     resolution: ImageSide = Field(512, description="Side of the square training targets.")
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, description="Seed of the noise, timesteps and photo order.")
     device: str = Field(AUTO, description=DEVICE_HELP)
 
     # The photos that ``images`` names, found and checked once, when the config is made.

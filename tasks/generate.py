@@ -21,7 +21,7 @@ from blipdiff.infra.atomic import atomic_path, remove_stale_temporaries
 from blipdiff.infra.inputs import SubjectText, model_location, readable_image
 from blipdiff.infra.run_folder import claim_run_folder, record_run_folder
 from blipdiff.models.devices import resolve_placement
-from blipdiff.tasks.sampling import RUN_FILE, ScheduledSampling, check_blend, load_blip_diffusion, render
+from blipdiff.tasks.sampling import RUN_FILE, ScheduledSampling, check_blend, described, load_blip_diffusion, render
 
 MANIFEST = "generations.parquet"
 
@@ -32,24 +32,31 @@ class GenerateConfig(ScheduledSampling):
 
     model: str = Field(description="Hub id or local checkpoint folder in the official layout (dreambooth: the base).")
     method: Literal["blip-diffusion", "dreambooth"] = Field(
-        "blip-diffusion", description="dreambooth: the base with a `blipdiff dreambooth` subject checkpoint.")
-    images: list[Path] = Field(default_factory=list, description="Reference photos of the subject (averaged).")
+        "blip-diffusion", description="blip-diffusion, or dreambooth: --model is the base, --subject-checkpoint a "
+        "`blipdiff dreambooth` output, and each prompt names the subject by its identifier.")
+    images: list[Path] = Field(default_factory=list,
+                               description="Reference photo of the subject; repeat to average several.")
     image_subjects: list[SubjectText] = Field(
-        default_factory=list, description="Each reference photo's category, to blend different subjects (default: subject).")
+        default_factory=list, description="Each --image's category, to blend different subjects (default: --subject).")
     weights: list[float] | None = Field(None, description="Each reference photo's weight in the mean (default: equal).")
-    subject_checkpoint: Path | None = Field(None, description="A `blipdiff finetune` output, instead of photos.")
-    subject: SubjectText = Field(description="The subject's category, e.g. 'dog'.")
-    target_subject: SubjectText | None = Field(None, description="Category written into the prompt (default: subject).")
-    prompts: list[str] = Field(min_length=1)
-    out: Path
+    subject_checkpoint: Path | None = Field(None, description="A `blipdiff finetune` output, instead of reference "
+                                            "photos.")
+    subject: SubjectText = Field(description="The subject's category, e.g. dog.")
+    target_subject: SubjectText | None = Field(None, description="Category written into the prompt (default: "
+                                               "--subject).")
+    prompts: list[str] = Field(min_length=1, description="What to generate, e.g. 'in the jungle'; repeatable.")
+    out: Path = Field(description="Folder for the PNGs and generations.parquet.")
+    seed: int = described("seed", "Image k of each prompt uses seed + k.")
     num_images: int = Field(1, ge=1, description="Images per prompt.")
-    controls: list[Path] = Field(default_factory=list, description="Control images (edges, depth, ...), one per ControlNet.")
+    controls: list[Path] = Field(default_factory=list, description="Control image for a ControlNet (edges, depth, "
+                                 "pose, ...); repeat with one --controlnet each.")
     control_types: list[Literal["canny", "image"]] = Field(
-        default_factory=lambda: ["image"], description="canny: edges computed from the control image; image: as given. "
-        "One for every control, or one per control.")
-    controlnets: list[str] = Field(
-        default_factory=list, description="ControlNet per control (hub id or folder); default: the checkpoint's own.")
-    control_scales: list[float] = Field(default_factory=lambda: [1.0], description="One, or one per control.")
+        default_factory=lambda: ["image"],
+        description="canny (edges computed from --control) or image (as given); one, or one per --control.")
+    controlnets: list[str] = Field(default_factory=list, description="Stable Diffusion 1.5 ControlNet (hub id or "
+                                   "folder) per --control; default: the checkpoint's own.")
+    control_scales: list[float] = Field(default_factory=lambda: [1.0], description="ControlNet residual scale; one, "
+                                        "or one per --control (0 switches one off).")
 
     @field_validator("prompts")
     @classmethod

@@ -16,7 +16,7 @@ from blipdiff.infra.atomic import atomic_path, remove_stale_temporaries
 from blipdiff.infra.inputs import SubjectText, model_location, readable_image
 from blipdiff.infra.run_folder import claim_run_folder, record_run_folder
 from blipdiff.models.devices import resolve_placement
-from blipdiff.tasks.sampling import RUN_FILE, ScheduledSampling, load_blip_diffusion, render
+from blipdiff.tasks.sampling import RUN_FILE, ScheduledSampling, described, load_blip_diffusion, render
 
 MANIFEST = "interpolation.parquet"
 
@@ -40,12 +40,25 @@ class InterpolateConfig(ScheduledSampling):
     cells along a side."""
 
     model: str = Field(description="Hub id or local checkpoint folder in the official layout.")
-    images: list[Path] = Field(description="One reference photo per subject: 2 (a path) or 4 (a square).")
-    subjects: list[SubjectText] = Field(description="Each photo's category, one per image.")
-    target_subject: SubjectText = Field(description="The category written into the prompt.")
+    images: list[Path] = Field(description="One photo per subject: 2 (a path) or 4 (a square's corners).")
+    subjects: list[SubjectText] = Field(description="Each --image's category, in the same order.")
+    # Not given (None or empty): the first subject's, filled in before validation, so that a run records it.
+    target_subject: SubjectText = Field(None, description="Category written into the prompt (default: the first "
+                                        "--subject).")
     prompt: str = Field(description="What to generate, e.g. 'on the beach'.")
-    out: Path
+    out: Path = Field(description="Folder for the cells, grid.png and interpolation.parquet.")
     cells: int = Field(5, ge=2, description="Cells along a side.")
+    steps: int = described("steps", "Denoising steps per cell.")
+    seed: int = described("seed", "The one seed of every cell.")
+    height: int = described("height", "Cell height, a multiple of 8.")
+    width: int = described("width", "Cell width, a multiple of 8.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _target_subject(cls, data):
+        if isinstance(data, dict) and not data.get("target_subject") and data.get("subjects"):
+            return {**data, "target_subject": data["subjects"][0]}
+        return data
 
     @model_validator(mode="after")
     def _inputs(self) -> InterpolateConfig:

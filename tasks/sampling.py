@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic.fields import FieldInfo
 
 from blipdiff.infra.inputs import ImageSide
 from blipdiff.models.devices import AUTO, DEVICE_HELP, DTYPE_HELP, DType
@@ -20,9 +21,10 @@ class Sampling(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    negative_prompt: str = Field("", description="What the pictures should not show.")
+    negative_prompt: str = Field("", description="Negative prompt (classifier-free guidance): what the pictures "
+                                                 "should not show.")
     steps: int = Field(50, ge=1, description="Denoising steps.")
-    guidance: float = Field(7.5, ge=0, description="Classifier-free guidance scale.")
+    guidance: float = Field(7.5, ge=0, description="Classifier-free guidance scale (1 or less: no guidance).")
     seed: int = Field(0, ge=0, description="Seed of the CPU generator.")
     height: ImageSide = Field(512, description="Image height, a multiple of 8.")
     width: ImageSide = Field(512, description="Image width, a multiple of 8.")
@@ -31,7 +33,14 @@ class Sampling(BaseModel):
 
 
 class ScheduledSampling(Sampling):
-    scheduler: Literal["pndm", "ddim", "dpm"] = Field("pndm", description="The denoising scheduler.")
+    scheduler: Literal["pndm", "ddim", "dpm"] = Field("pndm", description="The denoising scheduler: pndm, ddim or dpm.")
+
+
+def described(name: str, description: str) -> FieldInfo:
+    """Sampling's field ``name`` (default and constraints as they are) with a command's own description:
+    what it means there (edit's steps are DDIM's, interpolate's seed is every cell's). Annotate the override
+    with the plain type (``height: int``): the field brings its constraints and validators along."""
+    return FieldInfo.merge_field_infos(Sampling.model_fields[name], description=description)
 
 
 def check_blend(images: int, image_subjects: list[str], weights: list[float] | None) -> None:

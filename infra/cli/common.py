@@ -48,8 +48,9 @@ def numbers(text: str | None, option: str) -> list[float] | None:
 
 class Opt:
     """A command's option that is more than its config's field of the same name: other flags (`--batch-size`
-    for model_batch_size), a help or default of the command's own, or, when the config has no such field, an
-    option of the command alone (then with its type, help and default)."""
+    for model_batch_size), a default of the command's own (say why where it is given), or, when the
+    option's value is not the field's (a comma-separated string for a list) or the config has no such
+    field, an option of the command alone (then with its type, help and default)."""
 
     def __init__(self, path: str, *flags: str, type: object = None, help: str | None = None,
                  default: object = PydanticUndefined) -> None:
@@ -60,16 +61,20 @@ class Opt:
 def options_from(config: type[BaseModel], *specs: str | Opt) -> Callable[[Callable], Callable]:
     """The command's options, in this order, read from the config's fields: type, help (the field's
     description) and default; a required field is a required option. A dotted path ("trimap.high") reaches
-    into a nested config and becomes --trimap-high. The command is called with the config's field names,
-    nested fields as dicts, so that `config_from(config, **fields)` builds it."""
+    into a nested config and becomes --trimap-high. A list field with a default is a repeatable option
+    that, when not given, leaves the field to its default (shown in the help when not empty). The command
+    is called with the config's field names, nested fields as dicts, so that `config_from(config,
+    **fields)` builds it."""
     options = [spec if isinstance(spec, Opt) else Opt(spec) for spec in specs]
-    parameters = [_parameter(config, option) for option in options]
+    parameters, unset = zip(*(_parameter(config, option) for option in options)) if options else ((), ())
 
     def declare(command: Callable) -> Callable:
         @functools.wraps(command)
         def call(**values: object) -> object:
             fields: dict = {}
-            for option in options:
+            for option, leave_unset in zip(options, unset):
+                if leave_unset and values[option.name] is None:
+                    continue  # not given: the field's own default
                 *outer, name = option.path.split(".")
                 target = fields
                 for part in outer:
@@ -83,20 +88,29 @@ def options_from(config: type[BaseModel], *specs: str | Opt) -> Callable[[Callab
     return declare
 
 
-def _parameter(config: type[BaseModel], option: Opt) -> inspect.Parameter:
+def _parameter(config: type[BaseModel], option: Opt) -> tuple[inspect.Parameter, bool]:
+    """The option's parameter, and whether a None from it means "not given" (a list field's default)."""
     field = _field(config, option.path)
     if field is None and option.type is None:
         raise TypeError(f"{config.__name__} has no field {option.path!r}: give the option's type, help and default")
+    typed = option.type if option.type is not None else _option_type(field.annotation)
+    described = option.help if option.help is not None else field.description
+    shown: bool | str = True
+    unset = False
     if option.default is not PydanticUndefined:
         default = option.default
     elif field is None or field.is_required():
         default = inspect.Parameter.empty
     else:
         default = field.get_default(call_default_factory=True)
-    typed = option.type if option.type is not None else _option_type(field.annotation)
-    described = option.help if option.help is not None else field.description
+        if isinstance(default, list):
+            # None, not the list, as the repeatable option's default (typer's way for a list): None stands
+            # for "not given", and the config applies the field's own default.
+            shown = ", ".join(str(value) for value in default) if default else False
+            default, typed, unset = None, typed | None, True
+    option_info = typer.Option(*option.flags, help=described, show_default=shown)
     return inspect.Parameter(option.name, inspect.Parameter.KEYWORD_ONLY, default=default,
-                             annotation=Annotated[typed, typer.Option(*option.flags, help=described)])
+                             annotation=Annotated[typed, option_info]), unset
 
 
 def _field(config: type[BaseModel], path: str) -> FieldInfo | None:

@@ -6,27 +6,18 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from blipdiff.infra.cli.common import config_from, fail
-from blipdiff.models import DEFAULT_CLIP, DEFAULT_DINO
-from blipdiff.models.devices import AUTO, DEVICE_HELP, DTYPE_HELP
+from blipdiff.infra.cli.common import Opt, config_from, fail, options_from
+from blipdiff.tasks.evaluation.config import EvalConfig
+from blipdiff.tasks.evaluation.score import ScoreConfig
 
 
-def score_command(
-    dreambench: Annotated[Path, typer.Option(help="DreamBench's dataset folder (DreamBooth's layout).")],
-    out: Annotated[Path, typer.Option(help="Folder for scores.parquet and summary.json.")],
-    images: Annotated[Path | None, typer.Option(
-        help="Generated images: DIR/<subject>/<prompt index>_<image index>.png, or DIR/generations.parquet.")] = None,
-    oracle: Annotated[bool, typer.Option("--oracle", help="Score the real photos against each other.")] = False,
-    dino: Annotated[str, typer.Option(help="DINO ViT-S/16: hub id or folder.")] = DEFAULT_DINO,
-    clip: Annotated[str, typer.Option(help="CLIP ViT-B/32: hub id or folder.")] = DEFAULT_CLIP,
-    batch_size: Annotated[int, typer.Option(help="Images per metric-model call.")] = 64,
-    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = AUTO,
-) -> None:
+@options_from(ScoreConfig, "dreambench", "out", "images", Opt("oracle", "--oracle"), "dino", "clip", "batch_size",
+              "device")
+def score_command(**fields) -> None:
     """DreamBench's DINO, CLIP-I and CLIP-T for images made by any method, or the real-photo oracle."""
-    from blipdiff.tasks.evaluation.score import ScoreConfig, run_score
+    from blipdiff.tasks.evaluation.score import run_score
 
-    config = config_from(ScoreConfig, dreambench=dreambench, out=out, images=images, oracle=oracle, dino=dino, clip=clip,
-                                  batch_size=batch_size, device=device)
+    config = config_from(ScoreConfig, **fields)
     try:
         summary = run_score(config, log=typer.echo)
     except (ValueError, OSError) as error:  # DreamBenchError is a ValueError
@@ -34,60 +25,27 @@ def score_command(
     means = summary["mean_over_subjects"]
     typer.echo(f"{summary['subjects']} subjects, mean over subjects: "
                + ", ".join(f"{metric} {value:.4f}" for metric, value in means.items()))
+    out = fields["out"]
     typer.echo(f"scores -> {out / 'scores.parquet'}; summary -> {out / 'summary.json'}")
 
 
-def eval_command(
-    dreambench: Annotated[Path, typer.Option(help="DreamBench's dataset folder (DreamBooth's layout).")],
-    out: Annotated[Path, typer.Option(help="Run folder; rerunning the command finishes it.")],
-    model: Annotated[str | None, typer.Option(help="Hub id or local checkpoint folder (the official layout).")] = None,
-    method: Annotated[str, typer.Option(
-        help="blip-diffusion, or dreambooth (fine-tuned per subject on --base, prompts with the identifier).")]
-    = "blip-diffusion",
-    base: Annotated[str | None, typer.Option(
-        help="DreamBooth's base: Stable Diffusion 1.5 (diffusers layout) or a BLIP-Diffusion checkpoint.")] = None,
-    dreambooth_steps: Annotated[int, typer.Option(help="DreamBooth's steps per subject.")] = 800,
-    dreambooth_lr: Annotated[float, typer.Option(help="DreamBooth's learning rate.")] = 5e-6,
-    prior_preservation: Annotated[bool, typer.Option(help="DreamBooth's prior-preservation loss.")] = True,
-    num_class_images: Annotated[int, typer.Option(help="DreamBooth's class images per class.")] = 200,
-    identifier: Annotated[str, typer.Option(help="DreamBooth's identifier.")] = "sks",
-    mode: Annotated[str, typer.Option(help="zero-shot, or finetuned (blipdiff finetune per subject first).")] = "zero-shot",
-    subjects: Annotated[str, typer.Option(help="Comma-separated subjects (default: all 30).")] = "",
-    prompts: Annotated[int, typer.Option(help="The first N of each subject's 25 prompts.")] = 25,
-    images_per_prompt: Annotated[int, typer.Option(help="Images per prompt (the paper: 4).")] = 4,
-    steps: Annotated[int, typer.Option(help="PNDM steps (the paper: 100).")] = 100,
-    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 7.5,
-    seed_sets: Annotated[int, typer.Option(help="Repeats with other seeds; mean and spread reported (the paper: 10).")] = 1,
-    reference: Annotated[str, typer.Option(
-        help="Zero-shot subject embedding: all (mean over the photos), first, or FILE (a photo, or a CSV subject,photo).")]
-    = "all",
-    resolution: Annotated[int, typer.Option(help="Side of the square images.")] = 512,
-    negative_prompt: Annotated[str, typer.Option(help="Negative prompt.")] = "",
-    finetune_steps: Annotated[int | None, typer.Option(
-        help="Fine-tuning steps for every subject (default: the paper's Table 3).")] = None,
-    finetune_mode: Annotated[str, typer.Option(help="full or lora.")] = "full",
-    finetune_precision: Annotated[str, typer.Option(help="bf16 or fp32.")] = "bf16",
-    dtype: Annotated[str, typer.Option(help=DTYPE_HELP)] = AUTO,
-    dino: Annotated[str, typer.Option(help="DINO ViT-S/16: hub id or folder.")] = DEFAULT_DINO,
-    clip: Annotated[str, typer.Option(help="CLIP ViT-B/32: hub id or folder.")] = DEFAULT_CLIP,
-    dataset: Annotated[str, typer.Option(help="FiftyOne dataset of the catalog (empty: none).")] = "dreambench",
-    actors: Annotated[int, typer.Option(help="Generation actors on Ray (one model each; one per GPU, say).")] = 1,
-) -> None:
+# The command takes --model, or --method dreambooth with --base (its own option: the config's model is the base
+# then), so that --model is not required here though the config's model is; --subjects is one comma-separated
+# string, a format of the command's own.
+@options_from(EvalConfig, "dreambench", "out", Opt("model", type=str | None, default=None), "method",
+              Opt("base", type=str | None, default=None, help="DreamBooth's base: Stable Diffusion 1.5 (diffusers "
+                  "layout) or a BLIP-Diffusion checkpoint."),
+              "dreambooth_steps", "dreambooth_lr", "prior_preservation", "num_class_images", "identifier", "mode",
+              Opt("subjects", type=str, default="", help="Comma-separated subjects (default: all 30)."), "prompts",
+              "images_per_prompt", "steps", "guidance", "seed_sets", "reference", "resolution", "negative_prompt",
+              "finetune_steps", "finetune_mode", "finetune_precision", "dtype", "dino", "clip", "dataset", "actors")
+def eval_command(**fields) -> None:
     """Evaluate a model on DreamBench by the paper's protocol: generate, score, report and catalogue. With
     --method dreambooth, DreamBooth on --base, by the same protocol and metrics."""
-    from blipdiff.tasks.evaluation.config import EvalConfig
-
-    if (method == "dreambooth") != (base is not None) or (model is None) == (base is None):
+    model, base, subjects = fields.pop("model"), fields.pop("base"), fields.pop("subjects")
+    if (fields["method"] == "dreambooth") != (base is not None) or (model is None) == (base is None):
         raise fail("give --model (BLIP-Diffusion), or --method dreambooth with --base")
-    config = config_from(EvalConfig, model=model or base, method=method, dreambooth_steps=dreambooth_steps,
-                                 dreambooth_lr=dreambooth_lr, prior_preservation=prior_preservation,
-                                 num_class_images=num_class_images, identifier=identifier, dreambench=dreambench,
-                                 out=out, mode=mode, subjects=subjects.split(",") if subjects else [], prompts=prompts,
-                                 images_per_prompt=images_per_prompt, steps=steps, guidance=guidance,
-                                 seed_sets=seed_sets, reference=reference, resolution=resolution,
-                                 negative_prompt=negative_prompt, finetune_steps=finetune_steps,
-                                 finetune_mode=finetune_mode, finetune_precision=finetune_precision, dtype=dtype,
-                                 dino=dino, clip=clip, dataset=dataset, actors=actors)
+    config = config_from(EvalConfig, **fields, model=model or base, subjects=subjects.split(",") if subjects else [])
     from blipdiff.infra.cli.report import run_with_progress
     from blipdiff.tasks.evaluation.run import check_run_folder, plan, run_eval
 
@@ -100,7 +58,7 @@ def eval_command(
     means = summary["mean_over_subjects"]
     typer.echo(f"{summary['subjects']} subjects, {summary['images']} images, mean over subjects: "
                + ", ".join(f"{metric} {value:.4f}" for metric, value in means.items()))
-    typer.echo(f"report -> {out / 'report.md'}")
+    typer.echo(f"report -> {fields['out'] / 'report.md'}")
     if "catalog" in summary:
         typer.echo(f"FiftyOne dataset {summary['catalog']['dataset']!r}: `blipdiff app --dataset {summary['catalog']['dataset']}`")
 

@@ -27,31 +27,34 @@ class DreamBoothConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     base: str = Field(description="Stable Diffusion 1.5 (diffusers layout) or a BLIP-Diffusion checkpoint: hub id or folder.")
-    images: list[Path] = Field(min_length=1, description="Photos of the subject, or folders of them.")
-    class_noun: SubjectText = Field(description="The subject's class, e.g. 'dog'.")
-    out: Path
-    identifier: Identifier = Field("sks", description="The rare token that names the subject.")
-    steps: int = Field(800, ge=1)
-    lr: float | None = Field(None, gt=0, description="AdamW's learning rate (default: 5e-6 in full mode, 2e-4 in lora).")
-    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradients clipped to this total norm (None: not clipped).")
-    batch_size: int = Field(1, ge=1)
-    prior_preservation: bool = True
-    num_class_images: int = Field(200, ge=1)
-    prior_loss_weight: float = Field(1.0, ge=0)
-    train_text_encoder: bool = False
-    mode: Literal["full", "lora"] = "full"
-    lora_rank: int = Field(16, ge=1)
-    precision: Literal["bf16", "fp32"] = "bf16"
-    resolution: ImageSide = 512
-    seed: int = Field(0, ge=0)
+    images: list[Path] = Field(min_length=1, description="Photo of the subject, or a folder of them; repeatable.")
+    class_noun: SubjectText = Field(description="The subject's class, e.g. dog.")
+    out: Path = Field(description="Folder for the run and its subject checkpoint.")
+    identifier: Identifier = Field("sks", description="The rare token that names the subject (one word).")
+    steps: int = Field(800, ge=1, description="Training steps.")
+    lr: float | None = Field(None, gt=0, description="AdamW learning rate, constant. Default: 5e-6 in full mode, "
+                             "2e-4 in lora mode.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradients to this total norm, as diffusers' "
+                                        "recipe does (None: no clipping).")
+    batch_size: int = Field(1, ge=1, description="Subject photos per step and worker (as many class images).")
+    prior_preservation: bool = Field(True, description="The class-specific prior-preservation loss on the base "
+                                     "model's own 'a <class>' images.")
+    num_class_images: int = Field(200, ge=1, description="Class images, generated once and cached.")
+    prior_loss_weight: float = Field(1.0, ge=0, description="λ, the prior loss's weight.")
+    train_text_encoder: bool = Field(False, description="Fine-tune the text encoder too.")
+    mode: Literal["full", "lora"] = Field("full", description="full (what training changed) or lora (peft adapters).")
+    lora_rank: int = Field(16, ge=1, description="Rank of the LoRA adapters.")
+    precision: Literal["bf16", "fp32"] = Field("bf16", description="bf16 (autocast over fp32 weights) or fp32.")
+    resolution: ImageSide = Field(512, description="Side of the square training images.")
+    seed: int = Field(0, ge=0, description="Seed of the noise, timesteps, photo order and class images.")
     class_images: Path = Field(Path("class-images"), validate_default=True,
                                description="Cache of class images, shared by runs.")
     class_steps: int = Field(50, ge=1, description="Denoising steps of a class image.")
     class_guidance: float = Field(7.5, ge=0)
-    workers: int = Field(1, ge=1, description="Ray Train workers (DDP).")
+    workers: int = Field(1, ge=1, description="Ray Train workers (DDP: gradients averaged).")
     workers_for_class_images: int = Field(1, ge=1, description="Ray tasks that make the class images.")
     gpus_per_worker: float | None = Field(None, ge=0, description="Default: 1 when the Ray cluster has GPUs, else 0.")
-    checkpoint_every: int = Field(100, ge=1)
+    checkpoint_every: int = Field(100, ge=1, description="Steps between checkpoints (a rerun resumes).")
     max_failures: int = Field(0, ge=0, description="Worker-group restarts Ray Train may make after a failure.")
 
     _photos: list[Path] = PrivateAttr(default_factory=list)

@@ -28,31 +28,34 @@ class EvalSettings(BaseModel):
 
     dreambench: Path = Field(description="DreamBench's dataset folder (DreamBooth's layout).")
     method: Literal["blip-diffusion", "dreambooth"] = Field(
-        "blip-diffusion", description="dreambooth: DreamBooth fine-tuned per subject on the model as its base.")
-    mode: Literal["zero-shot", "finetuned"] = Field("zero-shot", description="Zero-shot, or fine-tuned per subject.")
+        "blip-diffusion", description="blip-diffusion, or dreambooth (fine-tuned per subject on the base model, "
+        "the CLI's --base; prompts with the identifier).")
+    mode: Literal["zero-shot", "finetuned"] = Field(
+        "zero-shot", description="zero-shot, or finetuned (blipdiff finetune per subject first).")
     subjects: list[str] = Field(default_factory=list, description="Subjects to evaluate (empty: all of them).")
-    prompts: int = Field(25, ge=1, le=25, description="The first N prompts of each subject's list.")
-    images_per_prompt: int = Field(4, ge=1)
+    prompts: int = Field(25, ge=1, le=25, description="The first N of each subject's 25 prompts.")
+    images_per_prompt: int = Field(4, ge=1, description="Images per prompt (the paper: 4).")
     steps: int = Field(100, ge=1, description="PNDM steps (the paper: 100).")
-    guidance: float = Field(7.5, ge=0)
-    seed_sets: int = Field(1, ge=1, description="Repeats with other seeds (the paper: 10).")
-    reference: str = Field("all", description="all, first, or FILE (a photo, or a CSV of subject,photo).")
-    resolution: ImageSide = 512
-    negative_prompt: str = ""
+    guidance: float = Field(7.5, ge=0, description="Classifier-free guidance scale.")
+    seed_sets: int = Field(1, ge=1, description="Repeats with other seeds; mean and spread reported (the paper: 10).")
+    reference: str = Field("all", description="Zero-shot subject embedding: all (mean over the photos), first, or "
+                           "FILE (a photo, or a CSV subject,photo).")
+    resolution: ImageSide = Field(512, description="Side of the square images.")
+    negative_prompt: str = Field("", description="Negative prompt.")
     finetune_steps: int | None = Field(None, ge=1, description="Fine-tuning steps for every subject "
                                        "(default: the paper's Table 3 per subject).")
-    finetune_mode: Literal["full", "lora"] = "full"
-    finetune_precision: Literal["bf16", "fp32"] = "bf16"
+    finetune_mode: Literal["full", "lora"] = Field("full", description="full or lora.")
+    finetune_precision: Literal["bf16", "fp32"] = Field("bf16", description="bf16 or fp32.")
     dreambooth_steps: int = Field(800, ge=1, description="DreamBooth's steps per subject.")
-    dreambooth_lr: float = Field(5e-6, gt=0)
+    dreambooth_lr: float = Field(5e-6, gt=0, description="DreamBooth's learning rate.")
     prior_preservation: bool = Field(True, description="DreamBooth's class-specific prior-preservation loss.")
-    num_class_images: int = Field(200, ge=1)
+    num_class_images: int = Field(200, ge=1, description="DreamBooth's class images per class.")
     identifier: Identifier = Field("sks", description="DreamBooth's identifier in the prompts.")
-    dtype: DType = Field("auto", description=f"Generation dtype: {DTYPE_HELP}")
+    dtype: DType = Field("auto", description=DTYPE_HELP)  # the generation's dtype
     dino: str = Field(DEFAULT_DINO, description="DINO ViT-S/16: hub id or folder.")
     clip: str = Field(DEFAULT_CLIP, description="CLIP ViT-B/32: hub id or folder.")
     dataset: str | None = Field("dreambench", description="FiftyOne dataset of the catalog (empty: no catalog).")
-    actors: int = Field(1, ge=1, description="Generation actors (one model each; one per GPU, say).")
+    actors: int = Field(1, ge=1, description="Generation actors on Ray (one model each; one per GPU, say).")
 
     @field_validator("subjects")
     @classmethod
@@ -90,7 +93,7 @@ class EvalConfig(EvalSettings):
     """One ``blipdiff eval`` run."""
 
     model: str = Field(description="Hub id or local checkpoint folder in the official layout.")
-    out: Path = Field(description="The run folder.")
+    out: Path = Field(description="Run folder; rerunning the command finishes it.")
     checkpoint_step: int | None = Field(None, description="The training step of the model, when known.")
 
     @property

@@ -37,11 +37,12 @@ class ScoreConfig(BaseModel):
 
     dreambench: Path = Field(description="DreamBench's dataset folder (DreamBooth's layout).")
     out: Path = Field(description="Folder for scores.parquet and summary.json.")
-    images: Path | None = Field(None, description="Generated images: DIR/<subject>/<NN>_<K>.png or generations.parquet.")
+    images: Path | None = Field(None, description="Generated images: DIR/<subject>/<prompt index>_<image index>.png, "
+                                "or DIR/generations.parquet.")
     oracle: bool = Field(False, description="Score the real photos against each other instead.")
     dino: str = Field(DEFAULT_DINO, description="DINO ViT-S/16: hub id or folder.")
     clip: str = Field(DEFAULT_CLIP, description="CLIP ViT-B/32: hub id or folder.")
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(64, ge=1, description="Images per metric-model call.")
     device: str = Field(AUTO, description=DEVICE_HELP)
 
     @model_validator(mode="after")

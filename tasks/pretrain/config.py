@@ -41,32 +41,35 @@ class PretrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    pairs: list[BuildFolder] = Field(min_length=1, description="Build folders (blipdiff build --out) to train on.")
+    pairs: list[BuildFolder] = Field(min_length=1, description="Build folder (blipdiff build --out) to train on; "
+                                     "repeatable.")
     init: str = Field(description="Checkpoint in the official layout to start from (hub id or folder).")
-    out: Path = Field(description="Run folder: checkpoints, logs, metrics, validation images.")
+    out: Path = Field(description="Run folder (checkpoints, logs, metrics, validation images); rerunning the "
+                      "command resumes it.")
     reset_from_sd: str | None = Field(None, description="Replace the U-Net, text encoder and VAE with this Stable "
                                                         "Diffusion 1.5 checkpoint's (the paper's start).")
     steps: int = Field(500_000, ge=1, description="Optimiser steps (the paper: 500K).")
     batch_size: int = Field(16, ge=1, description="Samples per worker and micro-batch.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per step.")
-    workers: int = Field(1, ge=1, description="Ray Train workers (DDP).")
-    gpus_per_worker: float | None = Field(None, ge=0, description="Default: 1 when the Ray cluster has GPUs, else 0.")
-    lr: float = Field(2e-6, gt=0)
+    workers: int = Field(1, ge=1, description="Ray Train workers (DDP); global batch = workers x batch x accumulation.")
+    gpus_per_worker: float | None = Field(None, ge=0, description="GPUs per worker (default: 1 when the Ray cluster "
+                                          "has GPUs, else 0).")
+    lr: float = Field(2e-6, gt=0, description="AdamW learning rate, constant (the authors').")
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = Field(1e-8, gt=0)
-    weight_decay: float = Field(0.01, ge=0)
-    max_grad_norm: float = Field(20.0, gt=0)
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay, on weight matrices.")
+    max_grad_norm: float = Field(20.0, gt=0, description="Gradient-norm clip.")
     resolution: ImageSide = Field(512, description="Side of the square targets.")
-    precision: Literal["bf16", "fp32"] = "bf16"
-    gradient_checkpointing: bool = True
-    subject_dropout: float = Field(0.15, ge=0, le=1)
-    checkpoint_every: int = Field(10_000, ge=1)
+    precision: Literal["bf16", "fp32"] = Field("bf16", description="bf16 (autocast over fp32 weights) or fp32.")
+    gradient_checkpointing: bool = Field(True, description="Recompute activations in the backward pass.")
+    subject_dropout: float = Field(0.15, ge=0, le=1, description="Probability, per sample, that the text alone guides.")
+    checkpoint_every: int = Field(10_000, ge=1, description="Steps between checkpoints.")
     keep_checkpoints: int = Field(3, ge=0, description="Newest checkpoints kept (0: all).")
     validate_every: int = Field(5_000, ge=0, description="Steps between validation grids (0: none).")
     validation_pairs: int = Field(4, ge=0, description="Pairs held out of training for the validation grids.")
     validation_steps: int = Field(25, ge=1, description="Denoising steps of the validation images.")
-    log_every: int = Field(10, ge=1)
-    seed: int = Field(0, ge=0)
+    log_every: int = Field(10, ge=1, description="Steps between metrics, TensorBoard and progress updates.")
+    seed: int = Field(0, ge=0, description="Seed of the data order, augmentations, noise and dropout.")
     max_failures: int = Field(3, ge=0, description="Restarts of failed workers from the last checkpoint.")
     latent_actors: int = Field(1, ge=1, description="VAE actors encoding the target latents.")
 
