@@ -120,7 +120,11 @@ def train_worker(config: DreamBoothConfig, rank: int, world: int, device, class_
         step += 1
         pending.append(parts.total.detach())
         if step % config.checkpoint_every == 0 or step == config.steps:
-            losses += torch.stack(pending).tolist()
+            recent = torch.stack(pending)
+            if distributed:  # the workers' mean, as pre-training records it, whatever the number of workers
+                dist.all_reduce(recent)
+                recent /= world
+            losses += recent.tolist()
             pending.clear()
             train_seconds += time.perf_counter() - clock
             states = gather_rng(device, world, generator)
@@ -138,12 +142,13 @@ def train_worker(config: DreamBoothConfig, rank: int, world: int, device, class_
                 dist.barrier()
             clock = time.perf_counter()
     if rank == 0:
-        _write_subject(config, trained, losses, train_seconds)
+        _write_subject(config, trained, losses, train_seconds, step)
     if distributed:
         dist.barrier()
 
 
-def _write_subject(config: DreamBoothConfig, trained: TrainedModules, losses: list[float], train_seconds: float) -> None:
+def _write_subject(config: DreamBoothConfig, trained: TrainedModules, losses: list[float], train_seconds: float,
+                   steps: int) -> None:
     """The subject checkpoint into OUT beside the run's checkpoints, ``dreambooth.json`` last."""
     import torch
     from safetensors.torch import save_file
@@ -164,7 +169,8 @@ def _write_subject(config: DreamBoothConfig, trained: TrainedModules, losses: li
             save_file({key: value.detach().to(saved_dtype).cpu().contiguous() for key, value in state.items()}, partial,
                       metadata={"format": "pt"})
     write_json_atomic({"identifier": config.identifier, "class_noun": config.class_noun, "mode": config.mode,
-                       "steps": config.steps,
+                       # The steps reached: a rerun asking fewer than a killed run's checkpoint holds gets those.
+                       "steps": steps,
                        "prompt": instance_prompt(config.identifier, config.class_noun), "settings": config.settings(),
                        "losses": losses, "train_seconds": train_seconds}, config.out / RECORD_FILE)
 
@@ -205,5 +211,5 @@ def run_dreambooth(config: DreamBoothConfig, log: Callable[[str], None] = print)
     ray_train.fit(_train_loop, loop_config, name="dreambooth", storage=config.out / "ray", workers=config.workers,
                   gpus_per_worker=config.gpus_per_worker, max_failures=config.max_failures)
     record = json.loads((config.out / RECORD_FILE).read_text())
-    log(f"{config.steps} steps in {record['train_seconds']:.1f} s; DreamBooth checkpoint -> {config.out}")
+    log(f"{record['steps']} steps in {record['train_seconds']:.1f} s; DreamBooth checkpoint -> {config.out}")
     return config.out

@@ -157,10 +157,13 @@ def generate_and_score(config: EvalConfig, bench, subjects, jobs: list[EvalJob],
     scoring = []
     facts: dict[str, dict] = {}
     try:
-        for index, subject in enumerate(subjects):
+        for subject in subjects:
             if subject in pending_subjects:
                 missing = [job for job in by_subject[subject.name] if job.path not in done]
-                generating[generators[index % len(generators)].generate.remote(subject, missing)] = subject
+                # Dealt by their place among the pending ones: on a resumed run, finished subjects would
+                # otherwise leave some actors idle and pile the rest onto others.
+                actor = generators[pending_subjects.index(subject) % len(generators)]
+                generating[actor.generate.remote(subject, missing)] = subject
             else:
                 scoring.append(scorer.score.remote(bench, by_subject[subject.name]))
         finished_subjects = len(subjects) - len(pending_subjects)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from blipdiff.infra import ray_train
 from blipdiff.infra.atomic import atomic_path, write_json_atomic
-from blipdiff.tasks.pretrain.config import (PROGRESS_FILE, RECORDS, PretrainConfig, Worker, check_run_folder,
+from blipdiff.tasks.pretrain.config import (METRICS_FILE, PROGRESS_FILE, RECORDS, PretrainConfig, Worker, check_run_folder,
                                             checkpoint_step, checkpoints, record_settings)
 
 if TYPE_CHECKING:
@@ -188,7 +188,7 @@ def _summary(config: PretrainConfig) -> PretrainSummary:
         return pq.read_metadata(path).num_rows if path.is_file() else 0
 
     saved = checkpoints(config.out)
-    metrics = config.out / "metrics.parquet"
+    metrics = config.out / METRICS_FILE
     losses = pq.read_table(metrics, columns=["loss"]).column("loss").to_pylist() if metrics.is_file() else []
     return PretrainSummary(run=config.out, step=checkpoint_step(saved[-1]) if saved else 0,
                            checkpoint=saved[-1] if saved else None, pairs=rows("train.parquet"),
