@@ -60,7 +60,7 @@ def deployments(name: str, chain: ChainConfig, build_defaults: dict | None = Non
     (pre-training, evaluation, the pipeline, and a build with BLIP-2 or CLIPSeg) go to the pool."""
     from prefect.deployments.runner import EntrypointType
 
-    from blipdiff.flows.build_pairs import build_pairs_flow
+    from blipdiff.flows.build_pairs import BuildPairsParameters, build_pairs_flow
     from blipdiff.flows.chain import blip_diffusion_pipeline
     from blipdiff.flows.dreambench_eval import dreambench_eval_flow
     from blipdiff.flows.latents import encode_latents_flow
@@ -76,8 +76,9 @@ def deployments(name: str, chain: ChainConfig, build_defaults: dict | None = Non
         else:
             here.append(flow.to_deployment(name=name, **options))
 
-    build_uses_gpu = bool(build_defaults) and (build_defaults["parameters"].get("captioner", "template") != "template"
-                                               or build_defaults["parameters"].get("segmenter", "grabcut") != "grabcut")
+    # The flow's own rule on its form's defaults (unvalidated: the form may hold only some of its fields).
+    build_uses_gpu = bool(build_defaults) and BuildPairsParameters.model_construct(
+        **build_defaults["parameters"]).uses_gpu()
     add(build_pairs_flow, build_uses_gpu, parameters=build_defaults, schedules=[cron] if cron else [])
     add(pretrain_flow, True, triggers=[pretrain_trigger(chain, name)] if chain.pretrain else [])
     add(dreambench_eval_flow, True, parameters=eval_defaults, schedules=[eval_cron] if eval_cron else [],

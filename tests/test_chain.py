@@ -3,6 +3,7 @@ actions), `blipdiff serve` in a subprocess, and a real local Ray that the served
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -47,7 +48,7 @@ def wait_for(condition, what: str, served, timeout: float = 900):
         found = condition()
         if found:
             return found
-        assert served.poll() is None, served.stderr.read().decode()[-3000:]
+        assert served.poll() is None, served.log.read_text()[-3000:]
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(2)
 
@@ -87,10 +88,13 @@ def served(tmp_path_factory, fiftyone_database):
         environment = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(),
                        "RAY_ADDRESS": context.address_info["gcs_address"]}
         blipdiff = Path(sys.executable).parent / "blipdiff"
+        # A file, not a pipe: nobody reads a pipe while the chain runs, and a full one would stall serve.
+        serve_log = folder / "serve.log"
         process = subprocess.Popen([str(blipdiff), "serve", "--data", str(folder), "--name", "test",
                                     "--chain", str(folder / "chain.json")],
-                                   env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                   env=environment, stdout=subprocess.DEVNULL, stderr=serve_log.open("wb"),
                                    start_new_session=True)
+        process.log = serve_log  # what wait_for shows when serve has died
         os.environ["RAY_ADDRESS"] = context.address_info["gcs_address"]
         try:
             def deployed():
@@ -104,10 +108,12 @@ def served(tmp_path_factory, fiftyone_database):
             wait_for(deployed, "the served deployments", process, timeout=300)
             yield SimpleNamespace(folder=folder, chain=chain, models=models, bench=bench, process=process)
         finally:
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait(timeout=60)
-            os.environ.pop("RAY_ADDRESS", None)
-            ray.shutdown()
+            try:
+                os.killpg(process.pid, signal.SIGTERM)
+                process.wait(timeout=60)
+            finally:
+                os.environ.pop("RAY_ADDRESS", None)
+                ray.shutdown()
 
 
 def flow_run_logs(flow_run_id) -> list[str]:
@@ -239,3 +245,32 @@ def test_the_pipeline_runs_the_chain_as_one_run_and_leaves_the_triggers_alone(se
     time.sleep(10)
     assert len(flow_runs("pretrain/test")) == pretrain_runs
     assert len(flow_runs("dreambench_eval/test")) == evaluation_runs
+
+
+def test_only_a_complete_new_checkpoint_is_announced_once(tmp_path, monkeypatch):
+    """Without a server: a checkpoint still being written (its temporary folder) or already there when the
+    run starts is never announced; a complete new one is, once, labelled for every K it is a multiple of."""
+    import prefect.events
+
+    from blipdiff.flows.events import CHECKPOINT_WRITTEN, EVERY_LABEL, CheckpointAnnouncer
+    from blipdiff.infra.atomic import TEMP_PREFIX
+    from blipdiff.tasks.pretrain.config import CHECKPOINTS, STATE_FILE, TRAINING_STATE, checkpoint_name
+
+    emitted = []
+    monkeypatch.setattr(prefect.events, "emit_event", lambda event, **kwargs: emitted.append((event, kwargs)))
+
+    def write(name: str, step: int) -> None:
+        state = tmp_path / CHECKPOINTS / name / TRAINING_STATE
+        state.mkdir(parents=True)
+        (state / STATE_FILE).write_text(json.dumps({"step": step}))
+
+    write(checkpoint_name(2), 2)
+    announcer = CheckpointAnnouncer(tmp_path, checkpoint_every=2)
+    write(TEMP_PREFIX + checkpoint_name(4), 4)
+    announcer.poll()
+    assert emitted == []
+    write(checkpoint_name(8), 8)
+    announcer.poll()
+    announcer.poll()
+    assert [event for event, _ in emitted] == [CHECKPOINT_WRITTEN]
+    assert "/4/" in emitted[0][1]["resource"][EVERY_LABEL]

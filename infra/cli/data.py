@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 from blipdiff.datasets.configs import BuildConfig, CatalogConfig, FetchConfig, FilterConfig
-from blipdiff.infra.cli.common import Opt, fail, options_from
+from blipdiff.infra.cli.common import Opt, config_from, fail, options_from
 from blipdiff.models import DEFAULT_CLIPSEG
 
 
@@ -16,12 +16,11 @@ def filter_command(**fields) -> None:
     """Choose one subject per image by the paper's rules (appendix A.4)."""
     from blipdiff.datasets.openimages import run_filter
     from blipdiff.infra.cli.report import print_funnel
-    from pydantic import ValidationError
 
+    config = config_from(FilterConfig, **fields)  # one line per invalid field, not pydantic's dump
     try:
-        config = FilterConfig(**fields)
         result = run_filter(config)
-    except (ValueError, FileNotFoundError, ValidationError) as error:
+    except (ValueError, FileNotFoundError) as error:
         raise fail(str(error)) from error
     print_funnel(result.funnel)
     typer.echo(f"{result.funnel.subjects} subjects -> {config.out / 'subjects.parquet'}")
@@ -33,12 +32,11 @@ def fetch_command(**fields) -> None:
     """Fetch the subjects' images into one verified, sharded folder; reruns resume."""
     from blipdiff.datasets.fetch import fetch_images
     from blipdiff.infra.cli.report import print_fetch_summary, run_with_progress
-    from pydantic import ValidationError
 
+    config = config_from(FetchConfig, **fields)  # one line per invalid field, not pydantic's dump
     try:
-        config = FetchConfig(**fields)
         summary = run_with_progress("fetch", lambda progress: fetch_images(config, progress=progress))
-    except (ValueError, FileNotFoundError, ValidationError) as error:
+    except (ValueError, FileNotFoundError) as error:
         raise fail(str(error)) from error
     print_fetch_summary(summary)
     typer.echo(f"manifest -> {config.out / 'images.parquet'}; rejects -> {config.out / 'rejects.parquet'}")
@@ -52,12 +50,11 @@ def build_command(**fields) -> None:
     """Build the synthetic training pairs: caption, segment, trimap, matte, composite."""
     from blipdiff.datasets.build import build_pairs
     from blipdiff.infra.cli.report import print_build_summary, run_with_progress
-    from pydantic import ValidationError
 
+    config = config_from(BuildConfig, **fields)  # one line per invalid field, not pydantic's dump
     try:
-        config = BuildConfig(**fields)
         summary = run_with_progress("build", lambda progress: build_pairs(config, progress=progress))
-    except (ValueError, FileNotFoundError, ValidationError) as error:
+    except (ValueError, FileNotFoundError) as error:
         raise fail(str(error)) from error
     print_build_summary(summary)
     typer.echo(f"pairs -> {config.out / 'pairs.parquet'}; rejects -> {config.out / 'rejects.parquet'}")
@@ -107,11 +104,11 @@ def catalog_command(**fields) -> None:
     """Catalogue every pair (and every rejected subject) in a grouped FiftyOne dataset."""
     from blipdiff.datasets.catalog import CatalogError, catalog_pairs
     from blipdiff.infra.cli.report import print_catalog_summary
-    from pydantic import ValidationError
 
+    config = config_from(CatalogConfig, **fields)
     try:
-        summary = catalog_pairs(CatalogConfig(**fields))
-    except (CatalogError, ValidationError, OSError) as error:
+        summary = catalog_pairs(config)
+    except (CatalogError, OSError) as error:
         raise fail(str(error)) from error
     print_catalog_summary(summary)
 

@@ -86,10 +86,16 @@ def chain_served(out: Path, chain_file: Path, log: Callable[[str], None]):
             served.started = time.time()
             yield served
         finally:
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait(timeout=120)
-            if server is not None:
-                server.stop()
+            try:
+                os.killpg(process.pid, signal.SIGTERM)
+                try:
+                    process.wait(timeout=120)
+                except subprocess.TimeoutExpired:
+                    os.killpg(process.pid, signal.SIGKILL)
+                    process.wait()
+            finally:
+                if server is not None:
+                    server.stop()
 
 
 def _own_group_ending_with_parent() -> None:
